@@ -1,0 +1,191 @@
+"""EngineCore: the loop of one engine, `schedule -> execute -> update`, over token ids only.
+Tokenization, detokenization and stop strings live with the frontend (OutputProcessor)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from tandem.kernels.attention import TorchAttentionBackend
+from tandem.shared.config import EngineConfig
+from tandem.shared.engine.kv_cache_manager import KVCacheManager
+from tandem.shared.engine.request import Request, RequestStatus
+from tandem.shared.engine.runner import ModelRunner
+from tandem.shared.engine.sampler import TokenLogprobs
+from tandem.shared.engine.scheduler import Scheduler, SchedulerConfig
+from tandem.shared.models.config import ModelConfig, model_config_from_hf
+from tandem.shared.models.hf_folder import ModelSource, resolve_model
+from tandem.shared.models.loader import build_model
+from tandem.shared.sampling_params import InvalidParameterError, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineCoreOutput:
+    """What one step produced for one sequence (an n>1 child is its own sequence)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # once, with the first token
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    num_total_blocks: int
+    num_used_blocks: int
+    kv_cache_usage: float
+    prefix_cache_queries: int  # prompt tokens looked up
+    prefix_cache_hits: int  # of those, tokens found cached
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    prompt_tokens: int
+    generation_tokens: int
+
+
+def child_request_id(request_id: str, index: int, n: int) -> str:
+    return request_id if n == 1 else f"{request_id}#{index}"
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, source: ModelSource | None = None) -> None:
+        self.config = config
+        self.source = source or resolve_model(config.model)
+        self.model_config: ModelConfig = model_config_from_hf(
+            self.source.hf_config, config.dtype, config.max_model_len
+        )
+        mc = self.model_config
+        self.device = torch.device(config.device)
+        self.model = build_model(self.source, mc, self.device, config.load_format)
+        bs = config.block_size
+        num_blocks = config.num_kv_blocks or config.kv_cache_memory // (bs * mc.kv_bytes_per_token())
+        if num_blocks * bs < mc.max_model_len:
+            raise ValueError(
+                f"the KV pool holds {num_blocks * bs} tokens ({num_blocks} blocks of {bs}), less than "
+                f"max_model_len={mc.max_model_len}: raise kv_cache_memory/num_kv_blocks or lower max_model_len"
+            )
+        self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
+        max_batched = config.max_num_batched_tokens or max(2048, mc.max_model_len)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, max_batched, mc.max_model_len), self.kv
+        )
+        self.runner = ModelRunner(self.model, num_blocks, bs, TorchAttentionBackend(), self.device)
+        self.eos_token_ids = frozenset(self.source.eos_token_ids)
+        self._arrivals = 0
+        self._sent_prompt_logprobs: set[str] = set()
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        logger.info("engine ready: %s, %d KV blocks of %d tokens", mc.architecture, num_blocks, bs)
+
+    # --- requests ------------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidParameterError (naming the field) for a request this engine cannot run."""
+        mc = self.model_config
+        if not prompt_token_ids:
+            raise InvalidParameterError("prompt", "the prompt is empty")
+        if len(prompt_token_ids) >= mc.max_model_len:
+            raise InvalidParameterError(
+                "prompt",
+                f"the prompt has {len(prompt_token_ids)} tokens, but max_model_len is {mc.max_model_len} "
+                f"(at most {mc.max_model_len - 1} prompt tokens leave room for one generated token)",
+            )
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < mc.vocab_size]
+        if bad:
+            raise InvalidParameterError("prompt", f"token id {bad[0]!r} is outside the vocabulary [0, {mc.vocab_size})")
+        for token_id in list(params.logit_bias or {}) + list(params.stop_token_ids or []):
+            if token_id >= mc.vocab_size:
+                field_name = "logit_bias" if token_id in (params.logit_bias or {}) else "stop_token_ids"
+                raise InvalidParameterError(field_name, f"token id {token_id} is outside the vocabulary")
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None
+    ) -> list[str]:
+        """Queue a request (n>1: one sequence per choice, children sharing the prompt blocks).
+        Returns the sequence ids whose outputs will carry this request's choices, in index order."""
+        self.validate(prompt_token_ids, params)
+        if request_id in self.scheduler.requests or child_request_id(request_id, 0, params.n) in self.scheduler.requests:
+            raise InvalidParameterError("request_id", f"request {request_id!r} is already running")
+        ids = []
+        parent_id = None
+        for index in range(params.n):
+            seq_id = child_request_id(request_id, index, params.n)
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
+            request = Request(
+                request_id=seq_id,
+                prompt_token_ids=list(prompt_token_ids),
+                params=params,
+                eos_token_ids=self.eos_token_ids,
+                arrival_index=self._arrivals,
+                cache_salt=cache_salt,
+                parent_id=parent_id,
+                generator=generator,
+            )
+            self._arrivals += 1
+            self.scheduler.add_request(request)
+            parent_id = parent_id or seq_id
+            ids.append(seq_id)
+        self.prompt_tokens += len(prompt_token_ids)
+        return ids
+
+    def abort(self, request_ids: list[str]) -> None:
+        for request in self.scheduler.abort(request_ids):
+            self._sent_prompt_logprobs.discard(request.request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # --- the loop ------------------------------------------------------------------------------
+    def step(self) -> list[EngineCoreOutput]:
+        if not self.has_unfinished():
+            return []
+        sched = self.scheduler.schedule()
+        if not sched.seqs:
+            return []
+        result = self.runner.execute(sched)
+        outputs = []
+        for request in self.scheduler.update(sched, result):
+            outputs.append(self._output_of(request))
+        return outputs
+
+    def _output_of(self, request: Request) -> EngineCoreOutput:
+        self.generation_tokens += 1
+        prompt_lps = None
+        if request.params.prompt_logprobs is not None and request.request_id not in self._sent_prompt_logprobs:
+            self._sent_prompt_logprobs.add(request.request_id)
+            prompt_lps = request.prompt_logprobs
+        finished = request.status.is_finished
+        if finished:
+            self._sent_prompt_logprobs.discard(request.request_id)
+        return EngineCoreOutput(
+            request_id=request.request_id,
+            new_token_ids=[request.output_token_ids[-1]],
+            new_logprobs=[request.logprobs[-1]] if request.params.logprobs is not None else [],
+            prompt_logprobs=prompt_lps,
+            finish_reason=request.status.finish_reason if finished else None,
+            stop_reason=request.stop_reason if request.status == RequestStatus.FINISHED_STOPPED else None,
+            num_cached_tokens=request.num_cached_tokens,
+        )
+
+    def stats(self) -> EngineStats:
+        pool = self.kv.pool
+        return EngineStats(
+            num_total_blocks=pool.num_blocks,
+            num_used_blocks=pool.num_used_blocks,
+            kv_cache_usage=pool.usage,
+            prefix_cache_queries=self.kv.stats.queries,
+            prefix_cache_hits=self.kv.stats.hits,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting) + sum(len(c) for c in self.scheduler.children.values()),
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+        )
