@@ -32,18 +32,21 @@ def rope_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int, scaling: floa
     return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
+def rope_cos_sin(positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype):
+    """cos and sin for a batch of positions: each [T, 1, rot_dim] in `dtype` (once per forward)."""
+    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)  # [T, rot_dim/2] each
+    cos = torch.cat([cos, cos], dim=-1)[:, None, :].to(dtype)
+    sin = torch.cat([sin, sin], dim=-1)[:, None, :].to(dtype)
+    return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Neox-style (rotate-half) rotary embedding, HF's layout. x [T, heads, head_dim],
-    positions [T]."""
-    cos_sin = cos_sin_cache[positions]  # [T, rot_dim]
-    cos, sin = cos_sin.chunk(2, dim=-1)  # [T, rot_dim/2] each
-    cos = torch.cat([cos, cos], dim=-1)[:, None, :].to(x.dtype)  # [T, 1, rot_dim]
-    sin = torch.cat([sin, sin], dim=-1)[:, None, :].to(x.dtype)
+    cos/sin [T, 1, rot_dim] from rope_cos_sin."""
     rot_dim = cos.shape[-1]
     x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
     x1, x2 = x_rot.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    out = x_rot * cos + rotated * sin
+    out = x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin
     return torch.cat([out, x_pass], dim=-1) if x_pass.numel() else out
 
 

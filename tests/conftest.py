@@ -94,3 +94,9 @@ def tiny_models(tmp_path_factory):
     """arch -> (folder, HF model), built once per session."""
     root = tmp_path_factory.mktemp("tiny")
     return {arch: (root / arch, save_tiny_model(arch, root / arch)) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The bundled SmolLM2-135M-Instruct GGUF (fp32), loaded once per session and tracked."""
+    return track(LLM(dtype="float32", max_model_len=512))

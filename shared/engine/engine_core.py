@@ -110,7 +110,8 @@ class EngineCore:
         """Queue a request (n>1: one sequence per choice, children sharing the prompt blocks).
         Returns the sequence ids whose outputs will carry this request's choices, in index order."""
         self.validate(prompt_token_ids, params)
-        if request_id in self.scheduler.requests or child_request_id(request_id, 0, params.n) in self.scheduler.requests:
+        running = self.scheduler.requests
+        if request_id in running or child_request_id(request_id, 0, params.n) in running:
             raise InvalidParameterError("request_id", f"request {request_id!r} is already running")
         ids = []
         parent_id = None

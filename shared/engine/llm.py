@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from tandem.shared.config import GiB, EngineConfig, parse_bytes
+from tandem.shared.config import EngineConfig, GiB, parse_bytes
 from tandem.shared.engine.engine_core import EngineCore, EngineStats
 from tandem.shared.engine.output_processor import OutputProcessor
 from tandem.shared.models.hf_folder import load_tokenizer
@@ -70,7 +70,7 @@ class LLM:
             )
         # Validate everything before queuing anything: a bad request leaves the engine untouched.
         inputs = [self._tokenize(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
-        for (text, ids), sp in zip(inputs, params_list, strict=True):
+        for (_, ids), sp in zip(inputs, params_list, strict=True):
             self.engine.validate(ids, sp)
         order = []
         for (text, ids), sp in zip(inputs, params_list, strict=True):
@@ -110,6 +110,8 @@ class LLM:
 
     # --- internals -------------------------------------------------------------------------------
     def _tokenize(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int]]:
+        if params.stop and self.tokenizer is None:
+            raise InvalidParameterError("stop", "stop strings need a tokenizer (skip_tokenizer_init=True)")
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
@@ -125,8 +127,6 @@ class LLM:
             raise InvalidParameterError("prompt", f"must be a string, got {type(text).__name__}")
         if self.tokenizer is None:
             raise InvalidParameterError("prompt", "text prompts need a tokenizer (skip_tokenizer_init=True)")
-        if params.stop and self.tokenizer is None:
-            raise InvalidParameterError("stop", "stop strings need a tokenizer")
         # A rendered chat template already holds its special tokens (BOS included).
         ids = self.tokenizer(text, add_special_tokens=not chat_rendered).input_ids
         return text, ids

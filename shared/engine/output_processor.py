@@ -130,7 +130,10 @@ class OutputProcessor:
             o.logprobs.append(self._position(lp))
             o.cumulative_logprob += lp.logprob
         if choice.detokenizer is not None:
-            delta = choice.detokenizer.push(out.new_token_ids)
+            new_ids = out.new_token_ids
+            if out.finish_reason == "stop" and not state.params.include_stop_str_in_output:
+                new_ids = new_ids[:-1]  # an eos / stop token id ends the text without showing in it (vLLM)
+            delta = choice.detokenizer.push(new_ids)
             choice.text += delta
             if choice.stop_matcher is not None and delta:
                 hit = choice.stop_matcher.check(choice.text, len(delta))

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+
 from tandem.shared.sampling_params import SamplingParams
 
 _GREEDY_EPS = 1e-5  # same threshold as SamplingParams.is_greedy
@@ -118,9 +119,13 @@ class Sampler:
         logprobs: list[TokenLogprobs | None] = [None] * num_rows
         if raw_logprobs is not None:
             rows = [i for i, k in enumerate(meta.num_logprobs) if k is not None]
-            row_idx = torch.tensor(rows, device=logits.device)
             ks = [meta.num_logprobs[i] or 0 for i in rows]
-            gathered = _gather_logprobs(raw_logprobs[row_idx], sampled[row_idx], ks)
+            if len(rows) < num_rows:
+                row_idx = torch.tensor(rows, device=logits.device)
+                raw_logprobs, chosen = raw_logprobs[row_idx], sampled[row_idx]
+            else:
+                chosen = sampled
+            gathered = _gather_logprobs(raw_logprobs, chosen, ks)
             for i, lp in zip(rows, gathered):
                 logprobs[i] = lp
         return SamplerOutput(token_ids=sampled.tolist(), logprobs=logprobs)

@@ -112,6 +112,8 @@ class Scheduler:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.kv.allocate_slots(request, num_new):
+                if self._drop_waiting_blocks():  # cheaper than preempting a running request
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim, out)
                 if victim is request:
@@ -137,7 +139,11 @@ class Scheduler:
                     break
                 num_new = budget
             if not self.kv.allocate_slots(request, num_new, cached):
-                break
+                # Nothing running will free blocks: drop the prompt blocks that released n>1
+                # children hold while they wait, or the queue deadlocks behind its head.
+                if self.running or not self._drop_waiting_blocks():
+                    break
+                continue
             if request.num_preemptions == 0 and num_computed == len(cached) * self.kv.block_size:
                 self.kv.record_prefix_query(request.num_prompt_tokens, len(cached) * self.kv.block_size)
                 request.num_cached_tokens = len(cached) * self.kv.block_size
@@ -147,6 +153,17 @@ class Scheduler:
             self._add_scheduled(out, request, num_new)
             budget -= num_new
         return out
+
+    def _drop_waiting_blocks(self) -> bool:
+        """Free the blocks of waiting requests (shared n>1 prompt blocks); they recompute or hit
+        the prefix cache when admitted. False if none held any."""
+        dropped = False
+        for request in self.waiting:
+            if request.block_ids:
+                self.kv.free(request)
+                request.num_computed_tokens = 0
+                dropped = True
+        return dropped
 
     def _add_scheduled(self, out: SchedulerOutput, request: Request, num_new: int) -> None:
         start = request.num_computed_tokens

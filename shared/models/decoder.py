@@ -44,17 +44,15 @@ class Attention(nn.Module):
         self.scale = cfg.attn_scale
         self.softcap = cfg.attn_logit_softcap
 
-    def forward(self, x, positions, cos_sin, kv_cache: KVCache, meta, backend: AttentionBackend):
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache, meta, backend: AttentionBackend):
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        qk = qkv[:, : self.q_size + self.kv_size].reshape(num_tokens, self.num_heads + self.num_kv_heads, -1)
+        v = qkv[:, self.q_size + self.kv_size :].reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = ops.apply_rope(q, positions, cos_sin)
-        k = ops.apply_rope(k, positions, cos_sin)
+            qk = torch.cat([self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads :])], dim=1)
+        qk = ops.apply_rope(qk, *rope)  # [T, H + Hkv, D]: q and k rotated together
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         backend.store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         out = backend.forward(q, kv_cache[0], kv_cache[1], meta, self.scale, self.softcap)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
@@ -84,9 +82,9 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
 
-    def forward(self, x, positions, cos_sin, kv_cache, meta, backend):
+    def forward(self, x, rope, kv_cache, meta, backend):
         # x [T, hidden]: the residual stream
-        h = self.self_attn(self.input_layernorm(x), positions, cos_sin, kv_cache, meta, backend)
+        h = self.self_attn(self.input_layernorm(x), rope, kv_cache, meta, backend)
         if self.sandwich:
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -130,8 +128,9 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         if self.embed_scale is not None:
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        rope = ops.rope_cos_sin(positions, self.cos_sin_cache, x.dtype)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, positions, self.cos_sin_cache, kv_cache, meta, backend)
+            x = layer(x, rope, kv_cache, meta, backend)
         return self.model.norm(x)  # [T, hidden]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -175,7 +174,7 @@ class CausalLM(nn.Module):
             dest.copy_(tensor)
             loaded.add(f"{target}@{offset}")
         expected = set()
-        for pname, param in params.items():
+        for pname in params:
             if pname == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
             leaf = pname.split(".")[-2]

@@ -255,10 +255,10 @@ def read_gguf(path: Path) -> GGUFFile:
         with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             if buf[:4] != _GGUF_MAGIC:
                 raise _corrupt(path, f"bad magic {bytes(buf[:4])!r}, expected {_GGUF_MAGIC!r}")
-            if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF == 0:
-                raise UnsupportedModelError(f"{path}: big-endian GGUF files are not supported")
             version = struct.unpack_from("<I", buf, 4)[0]
             if version not in (2, 3):
+                if struct.unpack_from(">I", buf, 4)[0] in (2, 3):
+                    raise UnsupportedModelError(f"{path}: big-endian GGUF files are not supported")
                 raise _corrupt(path, f"unsupported GGUF version {version}")
             return _HeaderParser(buf, "<").parse(path)
     except _Malformed as exc:
@@ -367,6 +367,8 @@ def _build_config(gguf_file: GGUFFile) -> dict[str, Any]:
     hidden = keys.integer("embedding_length")
     n_heads = keys.integer("attention.head_count")
     n_kv = keys.integer("attention.head_count_kv", n_heads)
+    if min(hidden, n_heads, n_kv) <= 0:
+        raise ModelLoadError(f"{path}: GGUF metadata has non-positive sizes ({hidden=}, {n_heads=}, {n_kv=})")
     head_dim = keys.integer("attention.key_length", hidden // n_heads)
     if keys.integer("attention.value_length", head_dim) != head_dim:
         raise UnsupportedModelError(f"{path}: value head size differs from key head size {head_dim}")
@@ -402,6 +404,7 @@ def _build_config(gguf_file: GGUFFile) -> dict[str, Any]:
         ("bos_token_id", "tokenizer.ggml.bos_token_id"),
         ("eos_token_id", "tokenizer.ggml.eos_token_id"),
         ("pad_token_id", "tokenizer.ggml.padding_token_id"),
+        ("unk_token_id", "tokenizer.ggml.unknown_token_id"),
     ):
         value = metadata.get(gguf_key)
         config[hf_key] = None if value is None else _uniform_int(value, gguf_key, path)
@@ -488,10 +491,12 @@ def _dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, 
     return values if values.flags.writeable and values.dtype == np.float32 else values.astype(np.float32)
 
 
-def _unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+def _unpermute_rows(weight: np.ndarray, n_heads: int, name: str, path: Path) -> np.ndarray:
     # llama.cpp turns each head's rows from HF's rope pairing (i, i + d/2) into adjacent pairs
     # (2i, 2i + 1) via reshape(n_heads, 2, d/2).swapaxes(1, 2); this is the inverse.
     rows = weight.shape[0]
+    if rows % (2 * n_heads):
+        raise ModelLoadError(f"{path}: tensor {name} has {rows} rows, not a whole number of {n_heads} heads")
     split = weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
     return np.ascontiguousarray(split.swapaxes(1, 2)).reshape(weight.shape)
 
@@ -509,9 +514,9 @@ def iter_gguf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raw = data[tensor.offset : tensor.offset + tensor.n_bytes]
         values = _dequantize(raw, _tensor_type(tensor, path), tensor.shape)
         if arch.permuted_qk and ".self_attn.q_proj." in name:
-            values = _unpermute_rows(values, config["num_attention_heads"])
+            values = _unpermute_rows(values, config["num_attention_heads"], tensor.name, path)
         elif arch.permuted_qk and ".self_attn.k_proj." in name:
-            values = _unpermute_rows(values, config["num_key_value_heads"])
+            values = _unpermute_rows(values, config["num_key_value_heads"], tensor.name, path)
         if arch.norm_offset and name.endswith("norm.weight"):
             values -= arch.norm_offset
         yield name, torch.from_numpy(values)

