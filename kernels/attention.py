@@ -21,7 +21,11 @@ class PrefillSeq:
     token_start: int  # first row in the flat batch
     num_query: int
     context_len: int  # tokens with KV after this step (cached prefix + this chunk)
-    context_slots: torch.Tensor  # [context_len] slots of every context token
+    block_table: torch.Tensor  # [num_blocks] blocks of the cached prefix (empty when there is none)
+
+    @property
+    def prefix_len(self) -> int:
+        return self.context_len - self.num_query
 
 
 @dataclass
@@ -29,8 +33,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
     # Decode group: sequences with a single query token, attended as one padded batch.
     decode_rows: torch.Tensor  # [num_decode] rows of the flat batch
-    decode_slots: torch.Tensor  # [num_decode, max_context] slots, padded with slot 0
-    decode_mask: torch.Tensor  # [num_decode, 1, 1, max_context] True where a slot is real
+    decode_block_table: torch.Tensor  # [num_decode, max_blocks] padded with block 0
+    decode_mask: torch.Tensor  # [num_decode, 1, 1, max_blocks * block_size] True where a slot is real
     prefills: list[PrefillSeq]
 
     @property
@@ -50,43 +54,45 @@ class AttentionBackend(Protocol):
     ) -> torch.Tensor: ...
 
 
-def context_slots(block_ids: list[int], context_len: int, block_size: int) -> torch.Tensor:
-    """[context_len] slots of a sequence's first context_len tokens."""
-    blocks = torch.tensor(block_ids[: -(-context_len // block_size)], dtype=torch.long)
-    slots = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()
-    return slots[:context_len]
-
-
-def padded_context_slots(block_tables: list[list[int]], context_lens: list[int], block_size: int):
-    """[B, max_context] slots and [B, max_context] validity mask for a batch of sequences."""
-    max_len = max(context_lens)
-    max_blocks = -(-max_len // block_size)
+def padded_block_table(block_tables: list[list[int]], context_lens: list[int], block_size: int):
+    """[B, max_blocks] block ids (padded with 0) and [B, max_blocks * block_size] validity mask."""
+    max_blocks = -(-max(context_lens) // block_size)
     table = torch.zeros(len(block_tables), max_blocks, dtype=torch.long)
-    for i, blocks in enumerate(block_tables):
-        n = min(len(blocks), max_blocks)
+    for i, (blocks, length) in enumerate(zip(block_tables, context_lens, strict=True)):
+        n = -(-length // block_size)
         table[i, :n] = torch.tensor(blocks[:n], dtype=torch.long)
-    slots = (table[:, :, None] * block_size + torch.arange(block_size)).flatten(1)[:, :max_len]
     lens = torch.tensor(context_lens, dtype=torch.long)
-    mask = torch.arange(max_len)[None, :] < lens[:, None]
-    return slots, mask
+    mask = torch.arange(max_blocks * block_size)[None, :] < lens[:, None]
+    return table, mask
+
+
+def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """cache [num_blocks, block_size, Hkv, D], block_table [..., n] -> [..., n * block_size, Hkv, D].
+    Whole blocks are copied (contiguous runs), not single slots."""
+    gathered = cache.index_select(0, block_table.flatten())  # [B * n, block_size, Hkv, D]
+    return gathered.view(*block_table.shape[:-1], -1, cache.shape[2], cache.shape[3])
 
 
 def reference_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-    scale: float, logit_softcap: float | None = None,
+    scale: float, logit_softcap: float | None = None, is_causal: bool = False,
 ) -> torch.Tensor:
     """Plain softmax attention with GQA. query [B, H, Q, D], key/value [B, Hkv, K, D],
-    mask [B or 1, 1, Q, K] bool (True = attend). Returns [B, H, Q, D]."""
+    mask [B or 1, 1, Q, K] bool (True = attend), or is_causal (Q == K). Returns [B, H, Q, D]."""
     num_heads, num_kv_heads = query.shape[1], key.shape[1]
-    if logit_softcap is None:
-        return F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, scale=scale, enable_gqa=num_heads != num_kv_heads
-        )
     group = num_heads // num_kv_heads
+    if logit_softcap is None:
+        if group > 1:  # explicit repeat: the fused CPU kernel does not take enable_gqa
+            key = key.repeat_interleave(group, dim=1)
+            value = value.repeat_interleave(group, dim=1)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, is_causal=is_causal)
     key = key.repeat_interleave(group, dim=1)
     value = value.repeat_interleave(group, dim=1)
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
     scores = torch.tanh(scores / logit_softcap) * logit_softcap
+    if is_causal:
+        q_len, k_len = scores.shape[-2], scores.shape[-1]
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril()
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(scores.softmax(-1), value.float()).to(query.dtype)
@@ -101,26 +107,34 @@ class TorchAttentionBackend:
         key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
         value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
 
-    def forward(self, query, key_cache, value_cache, meta, scale, logit_softcap=None) -> torch.Tensor:
-        # query [T, H, D] -> out [T, H, D]
-        num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
-        flat_k = key_cache.view(-1, num_kv_heads, head_dim)
-        flat_v = value_cache.view(-1, num_kv_heads, head_dim)
+    def forward(self, query, key_cache, value_cache, meta, scale, logit_softcap=None, key=None, value=None):
+        """query [T, H, D] -> [T, H, D]. `key`/`value` [T, Hkv, D] are this step's new K/V (also
+        stored in the cache): a prefill chunk reads its own K/V from them and gathers only its
+        cached prefix from the pages."""
         out = torch.empty_like(query)
         if meta.num_decode:
-            q = query[meta.decode_rows].unsqueeze(2)  # [Bd, H, 1, D]
-            k = flat_k[meta.decode_slots].transpose(1, 2)  # [Bd, Hkv, L, D]
-            v = flat_v[meta.decode_slots].transpose(1, 2)
-            o = reference_attention(q, k, v, meta.decode_mask, scale, logit_softcap)
-            out[meta.decode_rows] = o.squeeze(2)
+            num_decode, num_heads, head_dim = meta.num_decode, query.shape[1], query.shape[2]
+            num_kv_heads = key_cache.shape[2]
+            # GQA without repeating K/V: the `group` query heads of one KV head become that head's
+            # query rows (one decode token each, so they share the mask).
+            q = query.index_select(0, meta.decode_rows)  # [Bd, H, D]
+            q = q.view(num_decode, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [Bd, Hkv, G, D]
+            k = gather_blocks(key_cache, meta.decode_block_table).transpose(1, 2)  # [Bd, Hkv, L, D]
+            v = gather_blocks(value_cache, meta.decode_block_table).transpose(1, 2)
+            o = reference_attention(q, k, v, meta.decode_mask, scale, logit_softcap)  # [Bd, Hkv, G, D]
+            out.index_copy_(0, meta.decode_rows, o.reshape(num_decode, num_heads, head_dim))
         for seq in meta.prefills:
             rows = slice(seq.token_start, seq.token_start + seq.num_query)
             q = query[rows].transpose(0, 1).unsqueeze(0)  # [1, H, Q, D]
-            k = flat_k[seq.context_slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, K, D]
-            v = flat_v[seq.context_slots].transpose(0, 1).unsqueeze(0)
-            # query i sits at context position (context_len - num_query + i)
-            q_pos = torch.arange(seq.context_len - seq.num_query, seq.context_len)
-            mask = (torch.arange(seq.context_len)[None, :] <= q_pos[:, None])[None, None]
-            o = reference_attention(q, k, v, mask, scale, logit_softcap)
+            if key is not None and seq.prefix_len == 0:
+                k, v, mask = key[rows], value[rows], None  # [Q, Hkv, D]: causal, nothing cached
+            else:
+                k = gather_blocks(key_cache, seq.block_table)[: seq.context_len]  # [K, Hkv, D]
+                v = gather_blocks(value_cache, seq.block_table)[: seq.context_len]
+                # query i sits at context position prefix_len + i
+                q_pos = torch.arange(seq.prefix_len, seq.context_len)
+                mask = (torch.arange(seq.context_len)[None, :] <= q_pos[:, None])[None, None]
+            k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)  # [1, Hkv, K, D]
+            o = reference_attention(q, k, v, mask, scale, logit_softcap, is_causal=mask is None)
             out[rows] = o[0].transpose(0, 1)
         return out

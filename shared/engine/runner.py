@@ -9,8 +9,7 @@ from tandem.kernels.attention import (
     AttentionBackend,
     AttentionMetadata,
     PrefillSeq,
-    context_slots,
-    padded_context_slots,
+    padded_block_table,
 )
 from tandem.shared.engine.sampler import Sampler, SamplingMetadata
 from tandem.shared.engine.scheduler import RunnerOutput, SchedulerOutput
@@ -63,7 +62,10 @@ class ModelRunner:
                 decode_tables.append(req.block_ids)
                 decode_lens.append(end)
             else:
-                prefills.append(PrefillSeq(row, seq.num_tokens, end, context_slots(req.block_ids, end, bs)))
+                # With a cached prefix, attention reads the whole context from the pages
+                # (this chunk's K/V is stored before attention runs); without, from the new K/V.
+                context_table = table[: -(-end // bs)] if seq.start else table[:0]
+                prefills.append(PrefillSeq(row, seq.num_tokens, end, context_table.to(self.device)))
             if seq.prompt_logprobs_from is not None:
                 # logits at position p score token p + 1; owed targets start at prompt_logprobs_from
                 first_target = max(seq.prompt_logprobs_from, 1)
@@ -79,15 +81,15 @@ class ModelRunner:
 
         dev = self.device
         if decode_rows:
-            dslots, dmask = padded_context_slots(decode_tables, decode_lens, bs)
+            dtable, dmask = padded_block_table(decode_tables, decode_lens, bs)
             dmask = dmask[:, None, None, :]
         else:
-            dslots = torch.zeros(0, 1, dtype=torch.long)
+            dtable = torch.zeros(0, 1, dtype=torch.long)
             dmask = torch.zeros(0, 1, 1, 1, dtype=torch.bool)
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slots).to(dev),
             decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=dev),
-            decode_slots=dslots.to(dev),
+            decode_block_table=dtable.to(dev),
             decode_mask=dmask.to(dev),
             prefills=prefills,
         )

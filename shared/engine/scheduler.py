@@ -244,7 +244,7 @@ class Scheduler:
         shared = parent.block_ids[:num_shared] if len(parent.block_ids) >= num_shared else []
         if parent.num_computed_tokens < num_shared * self.kv.block_size:
             shared = []
-        for child in children:
+        for child in reversed(children):  # appendleft: the first child ends up first
             if shared:
                 self.kv.share_prefix(child, shared)
             child.status = RequestStatus.WAITING

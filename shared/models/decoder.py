@@ -54,7 +54,7 @@ class Attention(nn.Module):
         qk = ops.apply_rope(qk, *rope)  # [T, H + Hkv, D]: q and k rotated together
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         backend.store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-        out = backend.forward(q, kv_cache[0], kv_cache[1], meta, self.scale, self.softcap)  # [T, H, D]
+        out = backend.forward(q, kv_cache[0], kv_cache[1], meta, self.scale, self.softcap, k, v)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 

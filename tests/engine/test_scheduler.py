@@ -228,20 +228,19 @@ def test_preempts_newest_and_resumes():
 
 
 def test_preempted_request_reuses_its_cached_blocks():
+    # `new` (8 + 5 tokens, 3 blocks) is preempted; `old` then takes 2 of its freed blocks, tail
+    # first, so `new`'s head block is still cached when it resumes.
     sched = make_scheduler(num_blocks=6, caching=True)
     runner = FakeRunner(sched.kv, lambda r: 5)
     old, new = req("old", 8, max_tokens=12, ignore_eos=True), req("new", 8, max_tokens=12, ignore_eos=True)
     sched.add_request(old)
     sched.add_request(new)
     outs = run_to_end(sched, runner)
-    assert sched.num_preemptions >= 1
-    restart = next(
-        s for o in outs for s in o.seqs if s.request is new and s.start < new.num_prompt_tokens and s.start > 0
-    ) if any(s.request is new and 0 < s.start < 8 for o in outs for s in o.seqs) else None
-    # either it restarted from a cache hit, or its blocks had been evicted: both are legal;
-    # the fake runner already checked the KV it read
-    assert restart is None or restart.start % BS == 0
+    assert sched.num_preemptions == 1
+    resumed = [s for o in outs for s in o.seqs if s.request is new and s.num_tokens > 1][1]
+    assert (resumed.start, resumed.num_tokens) == (4, 9)
     assert len(new.output_token_ids) == 12
+    assert sched.kv.stats.queries == 16  # a resumed request is not a new prefix-cache query
 
 
 def test_self_preemption_when_alone_in_running():
@@ -426,6 +425,7 @@ def test_two_children_ref_counts():
     step(sched, runner)
     for b in parent.block_ids[:2]:
         assert sched.kv.pool.blocks[b].ref_count == 3
+    assert list(sched.waiting) == kids  # released in index order
     run_to_end(sched, runner)
     assert all(k.status == RequestStatus.FINISHED_LENGTH for k in kids)
 
@@ -461,11 +461,12 @@ def test_abort_waiting_child():
 
 
 @pytest.mark.parametrize("caching", [True, False])
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", [0, 1, 2, 14, 28])
 def test_random_workload_invariants(seed, caching):
     """Random prompts with shared prefixes, n>1, aborts, a tight pool: every step respects the
     budgets, every context read finds the right KV, ref counts match the block tables, and
-    everything finishes with the pool empty."""
+    everything finishes with the pool empty. (Seeds 2, 14 and 28 once deadlocked: released n>1
+    children held their shared prompt blocks while waiting, starving the queue's head.)"""
     rng = random.Random(seed)
     num_blocks = rng.choice([12, 16, 24])
     max_model_len = 40
