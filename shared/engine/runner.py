@@ -29,6 +29,11 @@ class ModelRunner:
         self.sampler = Sampler()
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         # torch.empty: pages are committed only when a block is first written.
+        # Blocks [0, num_zeroed_blocks) have been zeroed. Attention reads whole blocks and masks
+        # the unwritten tail; never-written memory may hold NaN, which a zero weight does not
+        # cancel (0 * NaN = NaN). The pool hands out low block ids first, so zeroing up to the
+        # highest id in use touches only blocks that are actually used.
+        self.num_zeroed_blocks = 0
         self.kv_caches: list[KVCache] = [
             (torch.empty(shape, dtype=cfg.dtype, device=device), torch.empty(shape, dtype=cfg.dtype, device=device))
             for _ in range(cfg.num_layers)
@@ -79,6 +84,7 @@ class ModelRunner:
                 sample_seqs.append(seq)
             row += seq.num_tokens
 
+        self._zero_new_blocks(max(max(s.request.block_ids) for s in sched.seqs) + 1)
         dev = self.device
         if decode_rows:
             dtable, dmask = padded_block_table(decode_tables, decode_lens, bs)
@@ -118,6 +124,14 @@ class ModelRunner:
                 lps = self.sampler.prompt_logprobs(logits, targets, req.params.prompt_logprobs)
             out.prompt_logprobs[req.request_id] = ([None] if seq.prompt_logprobs_from == 0 else []) + lps
         return out
+
+    def _zero_new_blocks(self, upto: int) -> None:
+        if upto <= self.num_zeroed_blocks:
+            return
+        for key_cache, value_cache in self.kv_caches:
+            key_cache[self.num_zeroed_blocks : upto].zero_()
+            value_cache[self.num_zeroed_blocks : upto].zero_()
+        self.num_zeroed_blocks = upto
 
     def _sampling_metadata(self, seqs) -> SamplingMetadata:
         reqs = [s.request for s in seqs]

@@ -241,6 +241,29 @@ def test_greedy_same_under_preemption(tiny_folder):
     assert [c.token_ids for c in out.outputs] == [b[-1]] * 4
 
 
+def test_unwritten_kv_slots_do_not_leak(tiny_folder):
+    """The KV pool is torch.empty: never-written memory may hold anything, NaN included, and
+    attention reads whole blocks (masking their unwritten tails). Such garbage, or stale finite
+    values left by earlier requests, must never reach the output."""
+    llm = track(LLM(str(tiny_folder), dtype="float32", skip_tokenizer_init=True, block_size=4, num_kv_blocks=32,
+                    max_model_len=MAX_LEN, max_num_batched_tokens=32, enable_prefix_caching=False))
+    prompts = [P(tokens(500 + i, 5 + 4 * i)) for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    def run_on_fresh_pool_filled(value: float) -> list[list[int]]:
+        for key_cache, value_cache in llm.engine.runner.kv_caches:
+            key_cache.fill_(value)
+            value_cache.fill_(value)
+        llm.engine.runner.num_zeroed_blocks = 0  # as if the memory had never been used
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+    clean = run_on_fresh_pool_filled(0.0)
+    assert run_on_fresh_pool_filled(float("nan")) == clean
+    assert run_on_fresh_pool_filled(1e30) == clean
+    # Stale finite values from the runs above stay in the pages: still the same outputs.
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == clean
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 
