@@ -34,7 +34,9 @@ class AttentionMetadata:
     # Decode group: sequences with a single query token, attended as one padded batch.
     decode_rows: torch.Tensor  # [num_decode] rows of the flat batch
     decode_block_table: torch.Tensor  # [num_decode, max_blocks] padded with block 0
-    decode_mask: torch.Tensor  # [num_decode, 1, 1, max_blocks * block_size] True where a slot is real
+    decode_max_len: int  # longest decode context
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, decode_max_len] True where a slot is real;
+    # None when every decode context has the same length (nothing to mask)
     prefills: list[PrefillSeq]
 
     @property
@@ -55,15 +57,19 @@ class AttentionBackend(Protocol):
 
 
 def padded_block_table(block_tables: list[list[int]], context_lens: list[int], block_size: int):
-    """[B, max_blocks] block ids (padded with 0) and [B, max_blocks * block_size] validity mask."""
-    max_blocks = -(-max(context_lens) // block_size)
+    """[B, max_blocks] block ids (padded with 0) and a [B, 1, 1, max_len] validity mask, or None
+    when all contexts have the same length."""
+    max_len = max(context_lens)
+    max_blocks = -(-max_len // block_size)
     table = torch.zeros(len(block_tables), max_blocks, dtype=torch.long)
     for i, (blocks, length) in enumerate(zip(block_tables, context_lens, strict=True)):
         n = -(-length // block_size)
         table[i, :n] = torch.tensor(blocks[:n], dtype=torch.long)
+    if min(context_lens) == max_len:
+        return table, None
     lens = torch.tensor(context_lens, dtype=torch.long)
-    mask = torch.arange(max_blocks * block_size)[None, :] < lens[:, None]
-    return table, mask
+    mask = torch.arange(max_len)[None, :] < lens[:, None]
+    return table, mask[:, None, None, :]
 
 
 def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
@@ -117,12 +123,17 @@ class TorchAttentionBackend:
             num_kv_heads = key_cache.shape[2]
             # GQA without repeating K/V: the `group` query heads of one KV head become that head's
             # query rows (one decode token each, so they share the mask).
-            q = query.index_select(0, meta.decode_rows)  # [Bd, H, D]
+            decode_only = num_decode == query.shape[0]  # rows are then 0..T-1 in order
+            q = query if decode_only else query.index_select(0, meta.decode_rows)  # [Bd, H, D]
             q = q.view(num_decode, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [Bd, Hkv, G, D]
-            k = gather_blocks(key_cache, meta.decode_block_table).transpose(1, 2)  # [Bd, Hkv, L, D]
-            v = gather_blocks(value_cache, meta.decode_block_table).transpose(1, 2)
+            length = meta.decode_max_len
+            k = gather_blocks(key_cache, meta.decode_block_table)[:, :length].transpose(1, 2)  # [Bd, Hkv, L, D]
+            v = gather_blocks(value_cache, meta.decode_block_table)[:, :length].transpose(1, 2)
             o = reference_attention(q, k, v, meta.decode_mask, scale, logit_softcap)  # [Bd, Hkv, G, D]
-            out.index_copy_(0, meta.decode_rows, o.reshape(num_decode, num_heads, head_dim))
+            o = o.reshape(num_decode, num_heads, head_dim)
+            if decode_only:
+                return o
+            out.index_copy_(0, meta.decode_rows, o)
         for seq in meta.prefills:
             rows = slice(seq.token_start, seq.token_start + seq.num_query)
             q = query[rows].transpose(0, 1).unsqueeze(0)  # [1, H, Q, D]

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0) -> torch.Tensor:
     """x [..., hidden]; computed in fp32 like HF, result cast back to x's dtype.
     weight_offset=1 gives Gemma's (1 + w) scaling."""
+    if x.dtype == torch.float32 and not weight_offset:
+        return F.rms_norm(x, weight.shape, weight, eps)  # fused; same math as below
     dtype = x.dtype
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)

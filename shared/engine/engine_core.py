@@ -65,7 +65,8 @@ class EngineCore:
         self.device = torch.device(config.device)
         self.model = build_model(self.source, mc, self.device, config.load_format)
         bs = config.block_size
-        num_blocks = config.num_kv_blocks or config.kv_cache_memory // (bs * mc.kv_bytes_per_token())
+        kv_bytes_per_block = bs * mc.kv_bytes_per_token(self.model.compute_dtype)
+        num_blocks = config.num_kv_blocks or config.kv_cache_memory // kv_bytes_per_block
         if num_blocks * bs < mc.max_model_len:
             raise ValueError(
                 f"the KV pool holds {num_blocks * bs} tokens ({num_blocks} blocks of {bs}), less than "

@@ -13,6 +13,7 @@ from tandem.shared.engine.engine_core import EngineCore, EngineStats
 from tandem.shared.engine.output_processor import OutputProcessor
 from tandem.shared.models.hf_folder import load_tokenizer
 from tandem.shared.outputs import RequestOutput
+from tandem.shared.prompts import encode_text, render_chat
 from tandem.shared.sampling_params import InvalidParameterError, SamplingParams
 
 PromptType = str | dict[str, Any]
@@ -93,13 +94,9 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def render_chat(self, messages, add_generation_prompt: bool = True, chat_template: str | None = None) -> str:
-        if self.tokenizer is None:
-            raise InvalidParameterError("messages", "chat needs a tokenizer (skip_tokenizer_init=True)")
-        template = chat_template or self.tokenizer.chat_template or self.engine.source.chat_template
-        if template is None:
-            raise InvalidParameterError("messages", "the model has no chat template; pass chat_template")
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+        return render_chat(
+            self.tokenizer, messages, add_generation_prompt=add_generation_prompt, chat_template=chat_template,
+            fallback_template=self.engine.source.chat_template,
         )
 
     def get_tokenizer(self):
@@ -125,11 +122,7 @@ class LLM:
             text, chat_rendered = prompt, False
         if not isinstance(text, str):
             raise InvalidParameterError("prompt", f"must be a string, got {type(text).__name__}")
-        if self.tokenizer is None:
-            raise InvalidParameterError("prompt", "text prompts need a tokenizer (skip_tokenizer_init=True)")
-        # A rendered chat template already holds its special tokens (BOS included).
-        ids = self.tokenizer(text, add_special_tokens=not chat_rendered).input_ids
-        return text, ids
+        return text, encode_text(self.tokenizer, text, chat_rendered=chat_rendered)
 
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

@@ -28,6 +28,7 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler()
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        kv_dtype = model.compute_dtype
         # torch.empty: pages are committed only when a block is first written.
         # Blocks [0, num_zeroed_blocks) have been zeroed. Attention reads whole blocks and masks
         # the unwritten tail; never-written memory may hold NaN, which a zero weight does not
@@ -35,7 +36,7 @@ class ModelRunner:
         # highest id in use touches only blocks that are actually used.
         self.num_zeroed_blocks = 0
         self.kv_caches: list[KVCache] = [
-            (torch.empty(shape, dtype=cfg.dtype, device=device), torch.empty(shape, dtype=cfg.dtype, device=device))
+            (torch.empty(shape, dtype=kv_dtype, device=device), torch.empty(shape, dtype=kv_dtype, device=device))
             for _ in range(cfg.num_layers)
         ]
 
@@ -88,15 +89,14 @@ class ModelRunner:
         dev = self.device
         if decode_rows:
             dtable, dmask = padded_block_table(decode_tables, decode_lens, bs)
-            dmask = dmask[:, None, None, :]
         else:
-            dtable = torch.zeros(0, 1, dtype=torch.long)
-            dmask = torch.zeros(0, 1, 1, 1, dtype=torch.bool)
+            dtable, dmask = torch.zeros(0, 1, dtype=torch.long), None
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slots).to(dev),
             decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=dev),
             decode_block_table=dtable.to(dev),
-            decode_mask=dmask.to(dev),
+            decode_max_len=max(decode_lens, default=0),
+            decode_mask=None if dmask is None else dmask.to(dev),
             prefills=prefills,
         )
         hidden = self.model(

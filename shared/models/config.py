@@ -71,8 +71,8 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
 
-    def kv_bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+    def kv_bytes_per_token(self, kv_dtype: torch.dtype | None = None) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * (kv_dtype or self.dtype).itemsize
 
     def rope_inv_freq(self) -> torch.Tensor:
         """[rotary_dim / 2] fp32 inverse frequencies, as HF computes them."""

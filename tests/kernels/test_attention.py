@@ -67,7 +67,7 @@ def test_paged_attention_matches_dense(heads, softcap):
             prefills.append(PrefillSeq(row, new, prefix + new, t))
         row += new
     dtable, dmask = padded_block_table(dec_tables, dec_lens, bs)
-    meta = AttentionMetadata(slot_mapping, torch.tensor(decode_rows), dtable, dmask[:, None, None, :], prefills)
+    meta = AttentionMetadata(slot_mapping, torch.tensor(decode_rows), dtable, max(dec_lens), dmask, prefills)
 
     scale = head_dim**-0.5
     backend.store_kv(new_k, new_v, key_cache, value_cache, slot_mapping)
