@@ -34,16 +34,19 @@ def bench_throughput(llm: LLM, prompts: list[list[int]], output_len: int) -> tup
     return elapsed, sum(len(o.outputs[0].token_ids) for o in outs)
 
 
-def bench_decode_latency(llm: LLM, prompt: list[int], output_len: int) -> float:
-    """ms per output token after the first (TTFT excluded), batch 1."""
+def bench_decode_latency(llm: LLM, prompt: list[int], output_len: int, repeats: int = 3) -> float:
+    """ms per output token after the first (TTFT excluded), batch 1; median of `repeats`."""
     p = {"prompt_token_ids": prompt}
     llm.generate(p, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
-    t0 = time.perf_counter()
-    llm.generate(p, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
-    t1 = time.perf_counter()
-    llm.generate(p, SamplingParams(temperature=0.0, max_tokens=output_len + 1, ignore_eos=True))
-    t2 = time.perf_counter()
-    return ((t2 - t1) - (t1 - t0)) / output_len * 1000
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        llm.generate(p, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+        t1 = time.perf_counter()
+        llm.generate(p, SamplingParams(temperature=0.0, max_tokens=output_len + 1, ignore_eos=True))
+        t2 = time.perf_counter()
+        samples.append(((t2 - t1) - (t1 - t0)) / output_len * 1000)
+    return sorted(samples)[len(samples) // 2]
 
 
 def bench_hf(model_path: str | None, prompt: list[int], output_len: int, dtype: torch.dtype) -> float:

@@ -73,7 +73,8 @@ class EngineCore:
                 f"max_model_len={mc.max_model_len}: raise kv_cache_memory/num_kv_blocks or lower max_model_len"
             )
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
-        max_batched = config.max_num_batched_tokens or max(2048, mc.max_model_len)
+        # Chunked prefill makes any budget work; 2048 keeps activations cache-sized on CPU.
+        max_batched = config.max_num_batched_tokens or 2048
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max_batched, mc.max_model_len), self.kv
         )

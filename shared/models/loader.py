@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from tandem.kernels.cpu_linear import cpu_has_native, use_dual_precision_linears
+from tandem.kernels.cpu_linear import cpu_has_native, use_cpu_linears
 from tandem.shared.models.config import ModelConfig
 from tandem.shared.models.decoder import CausalLM
 from tandem.shared.models.hf_folder import ModelSource, iter_weights
@@ -45,6 +45,6 @@ def build_model(source: ModelSource, cfg: ModelConfig, device: torch.device, loa
             weights = ((name, t.to(cfg.dtype)) for name, t in weights)  # round as a true bf16 model would
         with torch.no_grad():
             model.load_weights(weights)
-    if emulated:
-        use_dual_precision_linears(model, cfg.dtype)
+    if device.type == "cpu" and compute_dtype == torch.float32:
+        use_cpu_linears(model, cfg.dtype if emulated else None)
     return model.eval()
