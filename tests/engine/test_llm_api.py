@@ -235,7 +235,8 @@ def test_greedy_same_under_preemption(tiny_folder):
     for x, y in zip(tight_out, roomy_out, strict=True):  # chunked + preempted prompt logprobs too
         assert len(x.prompt_logprobs) == len(y.prompt_logprobs) == len(x.prompt_token_ids)
         for px, py in zip(x.prompt_logprobs[1:], y.prompt_logprobs[1:], strict=True):
-            assert {t: v.logprob for t, v in px.items()} == pytest.approx({t: v.logprob for t, v in py.items()}, abs=1e-5)
+            expected = {t: v.logprob for t, v in py.items()}
+            assert {t: v.logprob for t, v in px.items()} == pytest.approx(expected, abs=1e-5)
     # n > 1 on the tight pool: every choice equals the greedy answer
     out = tight.generate(P(prompts[-1]), SamplingParams(n=4, temperature=0, max_tokens=10, ignore_eos=True))[0]
     assert [c.token_ids for c in out.outputs] == [b[-1]] * 4
