@@ -143,8 +143,9 @@ class TorchAttentionBackend:
                 k = gather_blocks(key_cache, seq.block_table)[: seq.context_len]  # [K, Hkv, D]
                 v = gather_blocks(value_cache, seq.block_table)[: seq.context_len]
                 # query i sits at context position prefix_len + i
-                q_pos = torch.arange(seq.prefix_len, seq.context_len)
-                mask = (torch.arange(seq.context_len)[None, :] <= q_pos[:, None])[None, None]
+                dev = query.device
+                q_pos = torch.arange(seq.prefix_len, seq.context_len, device=dev)
+                mask = (torch.arange(seq.context_len, device=dev)[None, :] <= q_pos[:, None])[None, None]
             k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)  # [1, Hkv, K, D]
             o = reference_attention(q, k, v, mask, scale, logit_softcap, is_causal=mask is None)
             out[rows] = o[0].transpose(0, 1)
