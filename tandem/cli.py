@@ -1,4 +1,4 @@
-"""The `tandem` command: `tandem generate "PROMPT"` (more subcommands join as services land)."""
+"""The `tandem` command: `tandem generate "PROMPT"` and `tandem serve [MODEL]` (the OpenAI server)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--no-enable-prefix-caching", action="store_true")
     p.add_argument("--kv-cache-memory", default="4GiB", help="KV pool size on CPU: bytes or e.g. 4GiB")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--device", default="cpu")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
 
@@ -26,7 +27,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_enable_prefix_caching, kv_cache_memory=args.kv_cache_memory,
-        device=args.device, load_format=args.load_format,
+        device=args.device, load_format=args.load_format, gpu_memory_utilization=args.gpu_memory_utilization,
     )
 
 
@@ -46,6 +47,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from tandem.services.serve.main import config_from_args, run
+    except ImportError as exc:  # pyzmq, fastapi, uvicorn... are the `serve` extra
+        print(f"tandem: error: serve needs the server dependencies ({exc}): pip install 'tandem[serve]'",
+              file=sys.stderr)
+        return 2
+    return run(config_from_args(args, dict(os.environ)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Tandem LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="the OpenAI-compatible server (default model: the bundled SmolLM2)")
+    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="HF folder or .gguf file")
+    add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", nargs="+", default=None,
+                       help="names the API answers to (the first is reported); default: MODEL")
+    serve.add_argument("--api-key", default=None, help="require this bearer key on /v1/* (or set TANDEM_API_KEY)")
+    serve.add_argument("--engine-transport", default="ipc", choices=["ipc", "tcp"],
+                       help="engine socket: ipc in a private temp folder, or tcp on 127.0.0.1")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""`tandem serve`: the OpenAI-compatible server (this process) over one engine process."""

@@ -1,0 +1,98 @@
+"""Typed ZeroMQ sockets: PUSH/PULL pairs that send and receive `*Msg` objects (wire.messages).
+
+Sends never block: high-water marks are off and a send that cannot be queued (no peer) raises
+PeerUnavailable, so an engine loop or an event loop never hangs on a dead peer. Addresses are
+ipc paths in a private temp folder, or tcp on loopback; nothing binds to all interfaces unless
+the caller passes such an address itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from tandem.shared.wire.messages import decode_msg, encode_msg
+
+_LINGER_MS = 1000  # on close, queued messages (a ShutdownMsg) get this long to leave
+
+
+class PeerUnavailable(ConnectionError):
+    """The message could not be queued: no peer is connected."""
+
+
+def ipc_address(folder: str, name: str) -> str:
+    return f"ipc://{os.path.join(folder, name)}"
+
+
+def _configure(sock: zmq.Socket, addr: str, bind: bool) -> str:
+    sock.setsockopt(zmq.LINGER, _LINGER_MS)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    if not bind:
+        sock.connect(addr)
+        return addr
+    if addr.startswith("tcp://") and addr.rsplit(":", 1)[1] == "0":  # tcp://HOST:0 -> a free port
+        port = sock.bind_to_random_port(addr.rsplit(":", 1)[0])
+        return f"{addr.rsplit(':', 1)[0]}:{port}"
+    sock.bind(addr)
+    return addr
+
+
+class MsgPush:
+    """The sending end (blocking-free). `address` is the bound address (a real port for tcp ...:0)."""
+
+    def __init__(self, ctx: zmq.Context, addr: str, *, bind: bool) -> None:
+        self.socket = ctx.socket(zmq.PUSH)
+        self.address = _configure(self.socket, addr, bind)
+
+    def send(self, msg: Any) -> None:
+        frames = encode_msg(msg)
+        try:
+            result = self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=len(frames) == 1)
+        except zmq.Again:
+            raise PeerUnavailable(f"no peer on {self.address}") from None
+        if isinstance(result, asyncio.Future):  # an asyncio socket answers with a done future
+            exc = result.exception()
+            if isinstance(exc, zmq.Again):
+                raise PeerUnavailable(f"no peer on {self.address}")
+            if exc is not None:
+                raise exc
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class MsgPull:
+    """The receiving end, blocking with a poll timeout (the engine loop)."""
+
+    def __init__(self, ctx: zmq.Context, addr: str, *, bind: bool) -> None:
+        self.socket = ctx.socket(zmq.PULL)
+        self.address = _configure(self.socket, addr, bind)
+
+    def poll(self, timeout_ms: int) -> bool:
+        return bool(self.socket.poll(timeout_ms, zmq.POLLIN))
+
+    def recv(self) -> Any:
+        """The next message; raises WireError for one that does not decode (it is consumed)."""
+        return decode_msg(self.socket.recv_multipart(copy=True))
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class AsyncMsgPull:
+    """The receiving end on an asyncio loop; needs a zmq.asyncio.Context."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, addr: str, *, bind: bool) -> None:
+        self.socket = ctx.socket(zmq.PULL)
+        self.address = _configure(self.socket, addr, bind)
+
+    async def recv(self) -> Any:
+        return decode_msg(await self.socket.recv_multipart(copy=True))
+
+    def close(self) -> None:
+        self.socket.close()
