@@ -57,7 +57,7 @@ def child_request_id(request_id: str, index: int, n: int) -> str:
 class EngineCore:
     def __init__(self, config: EngineConfig, source: ModelSource | None = None) -> None:
         self.config = config
-        self.source = source or resolve_model(config.model)
+        self.source = source or resolve_model(config.model, require_weights=config.load_format != "dummy")
         self.model_config: ModelConfig = model_config_from_hf(
             self.source.hf_config, config.dtype, config.max_model_len
         )

@@ -52,15 +52,16 @@ def default_model_path() -> Path:
     )
 
 
-def resolve_model(model: str | os.PathLike[str] | None) -> ModelSource:
-    """Local model only: None -> bundled GGUF; folder with config.json -> HF; .gguf file -> GGUF."""
+def resolve_model(model: str | os.PathLike[str] | None, require_weights: bool = True) -> ModelSource:
+    """Local model only: None -> bundled GGUF; folder with config.json -> HF; .gguf file -> GGUF.
+    require_weights=False (load_format="dummy") accepts a folder holding only config.json."""
     path = default_model_path() if model is None else Path(model).expanduser()
     if not path.exists():
         raise ModelLoadError(
             f"{path}: no such file or folder (models load from local paths only; nothing is downloaded)"
         )
     if path.is_dir():
-        return _resolve_folder(path)
+        return _resolve_folder(path, require_weights)
     if _looks_like_gguf(path):
         return _gguf_source(path)
     raise ModelLoadError(
@@ -78,9 +79,9 @@ def _looks_like_gguf(path: Path) -> bool:
         raise ModelLoadError(f"{path}: cannot read the file: {exc}") from exc
 
 
-def _resolve_folder(folder: Path) -> ModelSource:
+def _resolve_folder(folder: Path, require_weights: bool = True) -> ModelSource:
     if (folder / "config.json").is_file():
-        return _hf_source(folder)
+        return _hf_source(folder, require_weights)
     ggufs = sorted(p for p in folder.glob("*.gguf") if p.is_file())
     if len(ggufs) == 1:
         return _gguf_source(ggufs[0])
@@ -118,9 +119,10 @@ def _read_json_dict(path: Path) -> dict[str, Any]:
     return data
 
 
-def _hf_source(folder: Path) -> ModelSource:
+def _hf_source(folder: Path, require_weights: bool = True) -> ModelSource:
     config = _read_json_dict(folder / "config.json")
-    _weight_files(folder)  # fail at resolve time, not halfway through engine start-up
+    if require_weights:
+        _weight_files(folder)  # fail at resolve time, not halfway through engine start-up
     return ModelSource(
         path=folder,
         hf_config=config,
