@@ -1,0 +1,78 @@
+"""Messages of the KV pull protocol and the handoff record, encoded by the shared wire codec
+(`[PROTOCOL_VERSION, tag, fields]`, type-checked on decode, no pickle). The tag table is this
+protocol's own: these messages never share a socket with the engine messages.
+
+A pull is one request and one reply:
+    decode -> prefill   KVPullMsg                       (one frame)
+    prefill -> decode   KVBlocksMsg + 2*B*L raw frames  (for each block, for each layer: K, V)
+                        or KVErrorMsg                   (one frame)
+Every raw frame is exactly `block_bytes` = block_size * num_kv_heads * head_dim * itemsize.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tandem.shared.wire.codec import WireError, decode, encode
+
+# Limits checked before anything is allocated or written.
+MAX_BLOCKS_PER_PULL = 1 << 16
+
+
+@dataclass(frozen=True)
+class KVPullMsg:
+    compat_hash: str
+    lease_id: str
+    block_ids: list[int]  # the serving worker's block ids, all covered by the lease
+    layers: list[int] | None  # None: every layer
+
+
+@dataclass(frozen=True)
+class KVBlocksMsg:
+    compat_hash: str
+    lease_id: str
+    block_ids: list[int]  # echo of the request
+    layers: list[int]  # resolved: never None
+    block_bytes: int  # the size of every raw frame that follows
+
+
+@dataclass(frozen=True)
+class KVErrorMsg:
+    code: str  # a kv_transfer.errors reason code
+    message: str
+
+
+@dataclass(frozen=True)
+class HandoffRecord:
+    """What a prefill worker answers once a prompt is computed: where and under which lease the
+    decode worker can pull its KV blocks. `block_ids` cover `num_tokens` tokens (the last block
+    may be partial); `lease_expiry` is unix time."""
+
+    request_id: str
+    first_token: int
+    engine_id: str
+    kv_addr: str
+    lease_id: str
+    block_ids: list[int]
+    num_tokens: int
+    compat_hash: str
+    lease_expiry: float
+
+
+KV_MESSAGE_TYPES: dict[int, type] = {1: KVPullMsg, 2: KVBlocksMsg, 3: KVErrorMsg, 4: HandoffRecord}
+KV_MESSAGE_TAGS: dict[type, int] = {cls: tag for tag, cls in KV_MESSAGE_TYPES.items()}
+
+
+def encode_kv_msg(msg: Any) -> bytes:
+    (header,) = encode(msg, KV_MESSAGE_TAGS)  # these messages have no bytes fields
+    return bytes(header)
+
+
+def decode_kv_msg(header: bytes | memoryview) -> Any:
+    """Decode frame 0 only (raw KV frames are checked by the receiver); raises WireError."""
+    return decode([header], KV_MESSAGE_TYPES)
+
+
+__all__ = ["KVPullMsg", "KVBlocksMsg", "KVErrorMsg", "HandoffRecord", "encode_kv_msg", "decode_kv_msg", "WireError",
+           "MAX_BLOCKS_PER_PULL"]

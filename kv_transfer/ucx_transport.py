@@ -1,0 +1,191 @@
+"""The UCX transport via `ucxx` (optional: `pip install ucxx-cu12`); imported only when used.
+
+UCX's listener API always runs over TCP (its peer error handling rules out shared memory; see
+docs). ucxx is process-global and asyncio-based, so one `UcxRuntime` per process runs every UCX
+call on its own event-loop thread; servers and clients submit coroutines to it.
+
+On one endpoint, a pull is length-prefixed messages:
+    client -> server   u64 size, KVPullMsg
+    server -> client   u64 size, KVBlocksMsg | KVErrorMsg, then 2*B*L frames of block_bytes
+The client checks the header before it posts a single receive, then receives each frame
+straight into its own KV cache (no staging copy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+try:
+    import ucxx
+except ImportError as exc:  # pragma: no cover - depends on the optional extra
+    raise ImportError("the UCX KV transport needs ucxx: pip install ucxx-cu12") from exc
+
+from tandem.kv_transfer.errors import KVTransferError
+from tandem.kv_transfer.leases import LeaseTable
+from tandem.kv_transfer.transport import (
+    KVBlockClient,
+    KVBlockServer,
+    KVBlockSink,
+    KVBlockSource,
+    KVCaches,
+    KVDest,
+    PullStats,
+)
+
+_MAX_HEADER_BYTES = 16 << 20
+
+
+class UcxRuntime:
+    """The event-loop thread that owns this process' ucxx state."""
+
+    _default: UcxRuntime | None = None
+    _default_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="ucx-runtime", daemon=True)
+        self._thread.start()
+        self.run(self._init(), timeout=30)
+
+    @classmethod
+    def default(cls) -> UcxRuntime:
+        with cls._default_lock:  # ucxx allows one context per process
+            if cls._default is None:
+                cls._default = cls()
+            return cls._default
+
+    async def _init(self) -> None:
+        ucxx.init()
+
+    def run(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+async def _send_msg(ep, payload: bytes) -> None:
+    await ep.send(np.array([len(payload)], dtype=np.uint64))
+    await ep.send(np.frombuffer(payload, dtype=np.uint8))
+
+
+async def _recv_msg(ep) -> bytes:
+    size = np.empty(1, dtype=np.uint64)
+    await ep.recv(size)
+    n = int(size[0])
+    if not 0 < n <= _MAX_HEADER_BYTES:
+        raise KVTransferError("bad_message", f"message of {n} bytes, at most {_MAX_HEADER_BYTES}")
+    buf = np.empty(n, dtype=np.uint8)
+    await ep.recv(buf)
+    return buf.tobytes()
+
+
+class UcxKVBlockServer(KVBlockServer):
+    """Listens on `ucx://HOST:PORT` (PORT 0: a free one). Note: ucxx listeners accept on every
+    interface; HOST is only the address advertised to peers."""
+
+    def __init__(
+        self, addr: str, kv_caches: KVCaches, leases: LeaseTable, compat_hash: str,
+        clock: Callable[[], float] = time.time, runtime: UcxRuntime | None = None,
+    ) -> None:
+        host, port = _parse(addr)
+        self.source = KVBlockSource(kv_caches, leases, compat_hash, clock)
+        self.runtime = runtime or UcxRuntime.default()
+        self._host, self._port = host, port
+        self._listener = None
+        self.address = addr
+
+    def start(self) -> UcxKVBlockServer:
+        if self._listener is not None:
+            return self
+
+        async def listen():
+            return ucxx.create_listener(self._handle, port=self._port or None)
+
+        self._listener = self.runtime.run(listen(), timeout=30)
+        self.address = f"ucx://{self._host}:{self._listener.port}"
+        return self
+
+    async def _handle(self, ep) -> None:
+        try:
+            while True:
+                try:
+                    request = await _recv_msg(ep)
+                except KVTransferError:
+                    return  # a peer that sends garbage is dropped
+                header, *frames = self.source.serve(request)
+                await _send_msg(ep, header)
+                for frame in frames:  # zero-copy views of the leased blocks
+                    await ep.send(np.asarray(frame))
+        except Exception:  # the peer closed or died: nothing to answer
+            return
+        finally:
+            if not ep.closed:
+                await ep.close()
+
+    def close(self) -> None:
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+
+            async def stop():
+                listener.close()
+
+            self.runtime.run(stop(), timeout=10)
+
+
+class UcxKVBlockClient(KVBlockClient):
+    def __init__(
+        self, compat_hash: str, timeout_s: float = 10.0, connect_timeout_s: float | None = None,
+        runtime: UcxRuntime | None = None,
+    ) -> None:
+        self.sink = KVBlockSink(compat_hash)
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = timeout_s if connect_timeout_s is None else connect_timeout_s
+        self.runtime = runtime or UcxRuntime.default()
+
+    def pull(
+        self, addr: str, lease_id: str, block_ids: list[int], dest: KVDest, layers: list[int] | None = None,
+    ) -> PullStats:
+        t0 = time.perf_counter()
+        host, port = _parse(addr)
+        request = self.sink.request(lease_id, block_ids, dest, layers)
+        num_bytes, num_layers = self.runtime.run(self._pull(host, port, request, lease_id, block_ids, dest, layers))
+        return PullStats(len(block_ids), num_layers, num_bytes, time.perf_counter() - t0)
+
+    async def _pull(self, host, port, request, lease_id, block_ids, dest, layers) -> tuple[int, int]:
+        try:
+            ep = await asyncio.wait_for(
+                ucxx.create_endpoint(host, port, connect_timeout=self.connect_timeout_s), self.connect_timeout_s,
+            )
+        except (TimeoutError, ucxx.exceptions.UCXError) as exc:
+            raise KVTransferError("peer_gone", f"no KV server reachable at {host}:{port}: {exc}") from None
+        try:
+            exchange = self._exchange(ep, request, lease_id, block_ids, dest, layers)
+            return await asyncio.wait_for(exchange, self.timeout_s)
+        except TimeoutError:
+            raise KVTransferError("timeout", f"no complete reply from {host}:{port} in {self.timeout_s}s") from None
+        except ucxx.exceptions.UCXError as exc:
+            raise KVTransferError("peer_gone", f"connection to {host}:{port} failed: {exc}") from None
+        finally:
+            if not ep.closed:
+                try:
+                    await ep.close()
+                except Exception:  # closing a broken endpoint
+                    pass
+
+    async def _exchange(self, ep, request, lease_id, block_ids, dest, layers) -> tuple[int, int]:
+        await _send_msg(ep, request)
+        msg = self.sink.check_reply(await _recv_msg(ep), lease_id, block_ids, dest, layers)
+        views = self.sink.dest_views(msg, dest)
+        for view in views:  # in place: the header fixed every frame's size before any receive
+            await ep.recv(view)
+        return len(views) * msg.block_bytes, len(msg.layers)
+
+
+def _parse(addr: str) -> tuple[str, int]:
+    if not addr.startswith("ucx://") or ":" not in addr[6:]:
+        raise ValueError(f"UCX address must be ucx://HOST:PORT, got {addr!r}")
+    host, port = addr[6:].rsplit(":", 1)
+    return host, int(port)

@@ -1,0 +1,115 @@
+"""The ZeroMQ transport: a ROUTER socket served by a background thread, a fresh DEALER per pull.
+
+tcp (`tcp://127.0.0.1:0` picks a free port) or ipc (`ipc:///path`). Reply frames are zero-copy
+views of the KV caches (`copy=False`); the receiver copies each frame once, into its own cache.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import zmq
+
+from tandem.kv_transfer.errors import KVTransferError
+from tandem.kv_transfer.leases import LeaseTable
+from tandem.kv_transfer.transport import (
+    KVBlockClient,
+    KVBlockServer,
+    KVBlockSink,
+    KVBlockSource,
+    KVCaches,
+    KVDest,
+    KVSpec,
+    PullStats,
+)
+
+_POLL_MS = 50  # how often the server thread looks at its stop flag
+_MAX_REQUEST_BYTES = 16 << 20
+
+
+class ZmqKVBlockServer(KVBlockServer):
+    def __init__(
+        self, addr: str, kv_caches: KVCaches, leases: LeaseTable, compat_hash: str,
+        clock: Callable[[], float] = time.time, ctx: zmq.Context | None = None,
+    ) -> None:
+        if addr.startswith("tcp://*"):
+            raise ValueError("bind the KV server to a configured interface, not '*'")
+        self.source = KVBlockSource(kv_caches, leases, compat_hash, clock)
+        self._ctx = ctx or zmq.Context.instance()
+        self._socket = self._ctx.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, _MAX_REQUEST_BYTES)
+        if addr.startswith("tcp://") and addr.rsplit(":", 1)[1] == "0":
+            host = addr.rsplit(":", 1)[0]
+            self.address = f"{host}:{self._socket.bind_to_random_port(host)}"
+        else:
+            self._socket.bind(addr)
+            self.address = addr
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kv-server", daemon=True)
+
+    def start(self) -> ZmqKVBlockServer:
+        if not self._thread.is_alive() and not self._stop.is_set():
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        sock = self._socket
+        try:
+            while not self._stop.is_set():
+                if not sock.poll(_POLL_MS, zmq.POLLIN):
+                    continue
+                identity, *frames = sock.recv_multipart(copy=False)
+                if len(frames) != 1:
+                    reply = self.source.serve(b"")  # answered as a bad message
+                else:
+                    reply = self.source.serve(frames[0].buffer)
+                sock.send_multipart([identity, *reply], copy=False)
+        finally:
+            sock.close(linger=0)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        else:
+            self._socket.close(linger=0)
+
+
+class ZmqKVBlockClient(KVBlockClient):
+    def __init__(
+        self, compat_hash: str, timeout_s: float = 10.0, connect_timeout_s: float | None = None,
+        ctx: zmq.Context | None = None,
+    ) -> None:
+        self.sink = KVBlockSink(compat_hash)
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = timeout_s if connect_timeout_s is None else connect_timeout_s
+        self._ctx = ctx or zmq.Context.instance()
+
+    def pull(
+        self, addr: str, lease_id: str, block_ids: list[int], dest: KVDest, layers: list[int] | None = None,
+    ) -> PullStats:
+        t0 = time.perf_counter()
+        request = self.sink.request(lease_id, block_ids, dest, layers)
+        # A fresh socket per pull: a late reply to an earlier, timed-out pull can never be taken
+        # for this one's.
+        sock = self._ctx.socket(zmq.DEALER)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # writable only once a connection is up
+            # No reply frame may be larger than a block (or a header): a peer cannot make us allocate more.
+            sock.setsockopt(zmq.MAXMSGSIZE, max(KVSpec.of(dest.kv_caches).block_bytes, _MAX_REQUEST_BYTES))
+            sock.connect(addr)
+            if not sock.poll(int(self.connect_timeout_s * 1000), zmq.POLLOUT):
+                raise KVTransferError("peer_gone", f"no KV server reachable at {addr}")
+            sock.send(request)
+            if not sock.poll(int(self.timeout_s * 1000), zmq.POLLIN):
+                raise KVTransferError("timeout", f"no reply from {addr} in {self.timeout_s}s")
+            header, *frames = sock.recv_multipart(copy=False)
+        finally:
+            sock.close(linger=0)
+        msg = self.sink.check_reply(header.buffer, lease_id, block_ids, dest, layers)
+        num_bytes = self.sink.write(msg, [f.buffer for f in frames], dest)
+        return PullStats(len(block_ids), len(msg.layers), num_bytes, time.perf_counter() - t0)

@@ -1,0 +1,249 @@
+"""KV-block pulls over real sockets (server thread, client in the test), for every transport:
+bytes land exactly at the puller's block ids; every bad request or reply is refused before a
+single byte is written."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from tandem.kv_transfer.compat import compat_hash
+from tandem.kv_transfer.errors import KVTransferError
+from tandem.kv_transfer.leases import LeaseTable
+from tandem.kv_transfer.messages import KVBlocksMsg, KVErrorMsg, decode_kv_msg
+from tandem.kv_transfer.transport import KVBlockSink, KVDest
+from tests.kv_transfer.conftest import COMPAT, FakeClock, random_kv, zeros_like_kv
+
+
+def assert_pulled(src, dst, src_ids, dst_ids, layers=None):
+    layers = range(len(src)) if layers is None else layers
+    for layer in layers:
+        for s, d in zip(src_ids, dst_ids):
+            assert torch.equal(dst[layer][0][d], src[layer][0][s])
+            assert torch.equal(dst[layer][1][d], src[layer][1][s])
+
+
+def assert_untouched(dst):
+    assert all(not k.any() and not v.any() for k, v in dst)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_round_trip(transport, dtype):
+    src = random_kv(8, dtype)
+    dst = zeros_like_kv(src, 6)
+    leases = LeaseTable()
+    lease = leases.grant([5, 2, 7], ttl=30, now=time.time())
+    with transport.server(src, leases) as server:
+        stats = transport.client().pull(server.address, lease.lease_id, [5, 2, 7], KVDest(dst, [0, 3, 1]))
+    assert_pulled(src, dst, [5, 2, 7], [0, 3, 1])
+    for layer in dst:  # blocks nobody asked for stay zero
+        assert not layer[0][[2, 4, 5]].any() and not layer[1][[2, 4, 5]].any()
+    assert stats.num_blocks == 3 and stats.num_layers == 3
+    assert stats.num_bytes == 3 * 3 * 2 * 4 * 2 * 8 * dtype.itemsize
+
+
+def test_partial_pull_of_blocks_and_layers(transport):
+    src = random_kv(8)
+    dst = zeros_like_kv(src, 4)
+    leases = LeaseTable()
+    lease = leases.grant([1, 2, 3, 4], ttl=30, now=time.time())
+    with transport.server(src, leases) as server:
+        client = transport.client()
+        client.pull(server.address, lease.lease_id, [3, 4], KVDest(dst, [2, 0]), layers=[0, 2])
+        assert_pulled(src, dst, [3, 4], [2, 0], layers=[0, 2])
+        assert not dst[1][0].any() and not dst[1][1].any()
+        client.pull(server.address, lease.lease_id, [1], KVDest(dst, [3]))  # a second pull, same server
+    assert_pulled(src, dst, [1], [3])
+
+
+def test_compat_mismatch_is_refused(transport):
+    src = random_kv(4)
+    dst = zeros_like_kv(src, 4)
+    leases = LeaseTable()
+    lease = leases.grant([0, 1], ttl=30, now=time.time())
+    other = compat_hash("another-model", "float32", 4, 3, 2, 8)
+    with transport.server(src, leases) as server, pytest.raises(KVTransferError) as err:
+        transport.client(compat=other).pull(server.address, lease.lease_id, [0, 1], KVDest(dst, [0, 1]))
+    assert err.value.code == "compat_mismatch" and "model" in str(err.value)
+    assert_untouched(dst)
+
+
+@pytest.mark.parametrize("block_ids", [[99], [-1], [1, 1], [3], [0, 1, 2, 3, 4, 5, 6, 7, 8]],
+                         ids=["out-of-range", "negative", "duplicate", "not-leased", "too-many"])
+def test_bad_remote_block_ids_are_refused(transport, block_ids):
+    src = random_kv(8)
+    dst = zeros_like_kv(src, 16)
+    leases = LeaseTable()
+    lease = leases.grant([0, 1, 2], ttl=30, now=time.time())
+    with transport.server(src, leases) as server, pytest.raises(KVTransferError) as err:
+        transport.client().pull(server.address, lease.lease_id, block_ids, KVDest(dst, list(range(len(block_ids)))))
+    assert err.value.code == "bad_block"
+    assert_untouched(dst)
+
+
+def test_bad_layers_and_destination_ids_are_refused_locally(transport):
+    src = random_kv(4)
+    dst = zeros_like_kv(src, 4)
+    client = transport.client()
+    for block_ids, dest_ids, layers in [([0], [4], None), ([0, 1], [2, 2], None), ([0], [0], [3]), ([0, 1], [0], None)]:
+        with pytest.raises((KVTransferError, ValueError)):
+            client.pull("tcp://127.0.0.1:1", "x" * 32, block_ids, KVDest(dst, dest_ids), layers)
+    assert_untouched(dst)
+
+
+def test_server_refuses_bad_layers(transport):
+    src = random_kv(4, num_layers=3)
+    dst = zeros_like_kv(src, 4) + zeros_like_kv(src, 4)  # a 6-layer puller asking for layer 5
+    leases = LeaseTable()
+    lease = leases.grant([0], ttl=30, now=time.time())
+    with transport.server(src, leases, compat=COMPAT) as server, pytest.raises(KVTransferError) as err:
+        transport.client().pull(server.address, lease.lease_id, [0], KVDest(dst, [0]), layers=[5])
+    assert err.value.code == "bad_block"
+    assert_untouched(dst)
+
+
+def test_wrong_block_size_is_refused(transport):
+    """A misconfigured peer (same compat hash, other head_dim): the sizes give it away."""
+    src = random_kv(4, head_dim=16)
+    dst = zeros_like_kv(random_kv(4, head_dim=8), 4)
+    leases = LeaseTable()
+    lease = leases.grant([0, 1], ttl=30, now=time.time())
+    with transport.server(src, leases) as server, pytest.raises(KVTransferError) as err:
+        transport.client().pull(server.address, lease.lease_id, [0, 1], KVDest(dst, [0, 1]))
+    assert err.value.code == "bad_message" and "bytes" in str(err.value)
+    assert_untouched(dst)
+
+
+def test_sink_checks_every_frame_size_before_writing():
+    dst = zeros_like_kv(random_kv(4), 4)
+    sink = KVBlockSink(COMPAT)
+    block_bytes = 4 * 2 * 8 * 4
+    msg = KVBlocksMsg(COMPAT, "lease", [0], [0, 1, 2], block_bytes)
+    good = bytes(block_bytes)
+    frames = [b"\x01" * block_bytes] * 5 + [good[:-4]]  # the last frame is short
+    with pytest.raises(KVTransferError) as err:
+        sink.write(msg, frames, KVDest(dst, [1]))
+    assert err.value.code == "bad_message"
+    with pytest.raises(KVTransferError):
+        sink.write(msg, frames[:4], KVDest(dst, [1]))  # too few frames
+    assert_untouched(dst)
+
+
+def test_lease_expiry(transport):
+    src = random_kv(4)
+    dst = zeros_like_kv(src, 4)
+    clock = FakeClock()
+    leases = LeaseTable()
+    lease = leases.grant([0, 1], ttl=30, now=clock())
+    with transport.server(src, leases, clock=clock) as server:
+        client = transport.client()
+        clock.now += 31
+        with pytest.raises(KVTransferError) as err:
+            client.pull(server.address, lease.lease_id, [0, 1], KVDest(dst, [0, 1]))
+        assert err.value.code == "lease_expired"
+        assert leases.expire_due(clock()) == []  # refused at once, freed after the grace
+        clock.now += leases.free_grace_s
+        assert leases.expire_due(clock()) == [0, 1]  # the caller frees these in its BlockPool
+        with pytest.raises(KVTransferError) as err:
+            client.pull(server.address, lease.lease_id, [0, 1], KVDest(dst, [0, 1]))
+        assert err.value.code == "lease_expired"
+        with pytest.raises(KVTransferError) as err:
+            client.pull(server.address, "f" * 32, [0], KVDest(dst, [0]))
+        assert err.value.code == "unknown_lease"
+    assert_untouched(dst)
+
+
+def test_server_gone(transport):
+    src = random_kv(4)
+    dst = zeros_like_kv(src, 4)
+    leases = LeaseTable()
+    lease = leases.grant([0], ttl=30, now=time.time())
+    server = transport.server(src, leases)
+    addr = server.address
+    server.close()
+    t0 = time.perf_counter()
+    with pytest.raises(KVTransferError) as err:
+        transport.client(timeout_s=1.0).pull(addr, lease.lease_id, [0], KVDest(dst, [0]))
+    assert err.value.code in ("peer_gone", "timeout")
+    assert time.perf_counter() - t0 < 5
+    assert_untouched(dst)
+
+
+def test_timeout_on_a_silent_server(tmp_path):
+    """A peer that accepts the request and never answers (ZeroMQ: a bare ROUTER)."""
+    import zmq
+
+    from tandem.kv_transfer.zmq_transport import ZmqKVBlockClient
+
+    ctx = zmq.Context.instance()
+    silent = ctx.socket(zmq.ROUTER)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    dst = zeros_like_kv(random_kv(4), 4)
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(KVTransferError) as err:
+            ZmqKVBlockClient(COMPAT, timeout_s=0.5).pull(f"tcp://127.0.0.1:{port}", "a" * 32, [0], KVDest(dst, [0]))
+        assert err.value.code == "timeout" and time.perf_counter() - t0 < 3
+    finally:
+        silent.close(linger=0)
+
+
+def test_concurrent_pulls(transport):
+    src = random_kv(16)
+    leases = LeaseTable()
+    lease = leases.grant(list(range(16)), ttl=30, now=time.time())
+    dsts = [zeros_like_kv(src, 4) for _ in range(4)]
+    errors = []
+    with transport.server(src, leases) as server:
+        client = transport.client()
+
+        def pull(i):
+            try:
+                remote = [4 * i + j for j in range(4)]
+                client.pull(server.address, lease.lease_id, remote, KVDest(dsts[i], [0, 1, 2, 3]))
+            except Exception as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=pull, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    for i, dst in enumerate(dsts):
+        assert_pulled(src, dst, [4 * i + j for j in range(4)], [0, 1, 2, 3])
+
+
+def test_server_survives_garbage_and_internal_errors(transport):
+    src = random_kv(4)
+    dst = zeros_like_kv(src, 4)
+    leases = LeaseTable()
+    lease = leases.grant([0], ttl=30, now=time.time())
+    with transport.server(src, leases) as server:
+        client = transport.client()
+        if transport.name != "ucx":  # a raw request that is not a KVPullMsg
+            import zmq
+
+            sock = zmq.Context.instance().socket(zmq.DEALER)
+            sock.connect(server.address)
+            sock.send_multipart([b"\x93\x01\x02", b"extra"])
+            assert sock.poll(5000)
+            reply = decode_kv_msg(sock.recv_multipart()[0])
+            sock.close(linger=0)
+            assert isinstance(reply, KVErrorMsg) and reply.code == "bad_message"
+
+        class Broken:
+            def get(self, *args):
+                raise RuntimeError("boom")
+
+        server.source.leases = Broken()
+        with pytest.raises(KVTransferError) as err:
+            client.pull(server.address, lease.lease_id, [0], KVDest(dst, [0]))
+        assert err.value.code == "internal_error" and "boom" in str(err.value)
+        assert_untouched(dst)
+        server.source.leases = leases
+        client.pull(server.address, lease.lease_id, [0], KVDest(dst, [1]))
+    assert_pulled(src, dst, [0], [1])
