@@ -4,9 +4,12 @@ protocol's own: these messages never share a socket with the engine messages.
 
 A pull is one request and one reply:
     decode -> prefill   KVPullMsg                       (one frame)
-    prefill -> decode   KVBlocksMsg + 2*B*L raw frames  (for each block, for each layer: K, V)
+    prefill -> decode   KVBlocksMsg + 2*R*L raw frames  (for each layer, for each run: K, V)
                         or KVErrorMsg                   (one frame)
-Every raw frame is exactly `block_bytes` = block_size * num_kv_heads * head_dim * itemsize.
+A run is a maximal stretch of the requested block ids that are consecutive in the server's cache
+(b, b+1, ...); `runs` lists them as [first index into block_ids, length], in order, covering every
+requested block once. A run's frame is `cache[layer][b:b+length]` of K (or V), exactly
+`length * block_bytes` bytes, block_bytes = block_size * num_kv_heads * head_dim * itemsize.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ class KVBlocksMsg:
     lease_id: str
     block_ids: list[int]  # echo of the request
     layers: list[int]  # resolved: never None
-    block_bytes: int  # the size of every raw frame that follows
+    block_bytes: int  # bytes of one block of one layer's K (or V)
+    runs: list[list[int]]  # [first index into block_ids, length] per frame pair, see the module doc
 
 
 @dataclass(frozen=True)

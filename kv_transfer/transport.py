@@ -2,8 +2,9 @@
 
 `KVBlockSource` (serving side) turns a KVPullMsg into a reply: it checks the compat hash, the
 lease and every peer-supplied block id and layer, then yields zero-copy views of the leased
-blocks. `KVBlockSink` (pulling side) checks a reply's header and every frame's size against
-what it asked for, and only then writes the bytes into its own KV caches at its own block ids.
+blocks, one frame per layer, K or V and run of source-consecutive block ids. `KVBlockSink`
+(pulling side) checks a reply's header (runs included) and every frame's size against what it
+asked for, and only then writes the bytes into its own KV caches at its own block ids.
 A transport (ZeroMQ, UCX) only moves one request frame one way and the reply frames back.
 
 KV caches are the runner's: per layer a (key, value) pair of contiguous
@@ -16,6 +17,7 @@ import abc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -96,6 +98,53 @@ def check_block_ids(block_ids: object, num_blocks: int, what: str) -> list[int]:
     return block_ids
 
 
+def block_runs(block_ids: Sequence[int]) -> list[list[int]]:
+    """Maximal runs of ids consecutive in the cache (b, b+1, ...): [first index, length] each, in order."""
+    runs: list[list[int]] = []
+    for i, b in enumerate(block_ids):
+        if runs and b == block_ids[i - 1] + 1:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, 1])
+    return runs
+
+
+def _check_runs(runs: object, block_ids: list[int]) -> list[list[int]]:
+    """A reply's runs must split the requested ids, in order, into stretches consecutive at the source."""
+    if not isinstance(runs, list):
+        raise KVTransferError("bad_message", "reply runs: expected a list")
+    next_index = 0
+    for run in runs:
+        if (not isinstance(run, list) or len(run) != 2 or not all(type(x) is int for x in run)
+                or run[0] != next_index or run[1] < 1 or run[0] + run[1] > len(block_ids)):
+            raise KVTransferError("bad_message", f"reply run {run!r} does not follow index {next_index}")
+        first, length = run
+        if any(block_ids[i + 1] != block_ids[i] + 1 for i in range(first, first + length - 1)):
+            raise KVTransferError("bad_message", f"reply run {run!r} is not consecutive at the source")
+        next_index += length
+    if next_index != len(block_ids):
+        raise KVTransferError("bad_message", f"reply runs cover {next_index} of {len(block_ids)} blocks")
+    return runs
+
+
+class FrameTarget(NamedTuple):
+    """Where one reply frame (one run of one layer's K or V) lands: `table[ids]` of a destination
+    [num_blocks, block_bytes] view, and `inplace`, one contiguous view of those rows when the
+    destination ids are consecutive too (else None: receive into a buffer, then scatter)."""
+
+    nbytes: int
+    table: np.ndarray
+    ids: list[int]
+    inplace: np.ndarray | None
+
+    def scatter(self, data: np.ndarray) -> None:
+        """Copy a received frame (uint8, `nbytes`) into the destination rows."""
+        if self.inplace is not None:
+            self.inplace[:] = data
+        else:
+            self.table[self.ids] = data.reshape(len(self.ids), -1)
+
+
 def _block_rows(cache: torch.Tensor) -> np.ndarray:
     """A [num_blocks, block_bytes] uint8 numpy view of a contiguous CPU cache (bf16 included): no
     copy. Numpy row slices cost ~0.2 us where torch indexing costs ~10 us: pulls have thousands."""
@@ -147,15 +196,21 @@ class KVBlockSource:
         foreign = sorted(set(block_ids) - set(lease.block_ids))
         if foreign:
             raise KVTransferError("bad_block", f"blocks {foreign[:4]} are not under lease {msg.lease_id[:8]}...")
-        header = KVBlocksMsg(self.compat_hash, msg.lease_id, block_ids, layers, spec.block_bytes)
+        runs = block_runs(block_ids)
+        header = KVBlocksMsg(self.compat_hash, msg.lease_id, block_ids, layers, spec.block_bytes, runs)
         frames: list[bytes | memoryview] = [encode_kv_msg(header)]
-        rows = [self._rows[layer] for layer in layers]
-        for block_id in block_ids:
-            for key, value in rows:
-                # Zero copy: views of the cache itself. The lease keeps these blocks from being
-                # reused while the transport still reads them.
-                frames.append(memoryview(key[block_id]))
-                frames.append(memoryview(value[block_id]))
+        for layer in layers:
+            key, value = self._rows[layer]
+            for first, length in runs:
+                # Zero copy: one contiguous slice of consecutive blocks of the cache itself. The
+                # lease keeps these blocks from being reused while the transport still reads them.
+                start = block_ids[first]
+                if length == 1:
+                    frames.append(memoryview(key[start]))
+                    frames.append(memoryview(value[start]))
+                else:
+                    frames.append(memoryview(key[start:start + length].reshape(-1)))
+                    frames.append(memoryview(value[start:start + length].reshape(-1)))
         return frames
 
 
@@ -197,32 +252,47 @@ class KVBlockSink:
             raise KVTransferError(
                 "bad_message", f"server blocks are {msg.block_bytes} bytes, ours {spec.block_bytes}",
             )
+        _check_runs(msg.runs, list(block_ids))
         return msg
 
     def num_frames(self, msg: KVBlocksMsg) -> int:
-        return 2 * len(msg.block_ids) * len(msg.layers)
+        return 2 * len(msg.runs) * len(msg.layers)
 
-    def dest_views(self, msg: KVBlocksMsg, dest: KVDest) -> list[np.ndarray]:
-        """Writable uint8 views of the destination, in frame order (for transports that receive in place)."""
-        rows = [(_block_rows(dest.kv_caches[layer][0]), _block_rows(dest.kv_caches[layer][1])) for layer in msg.layers]
-        views = []
-        for block_id in dest.block_ids:
-            for key, value in rows:
-                views.append(key[block_id])
-                views.append(value[block_id])
-        return views
+    def frame_targets(self, msg: KVBlocksMsg, dest: KVDest) -> list[FrameTarget]:
+        """Where each reply frame lands, in frame order (for each layer, for each run: K, V)."""
+        runs = []  # per run: (nbytes, destination ids, first id if they are consecutive else None)
+        for first, length in msg.runs:
+            ids = list(dest.block_ids[first:first + length])
+            consecutive = all(ids[i + 1] == ids[i] + 1 for i in range(length - 1))
+            runs.append((length * msg.block_bytes, ids, ids[0] if consecutive else None))
+        targets = []
+        for layer in msg.layers:
+            key_rows, value_rows = _block_rows(dest.kv_caches[layer][0]), _block_rows(dest.kv_caches[layer][1])
+            for nbytes, ids, start in runs:
+                for rows in (key_rows, value_rows):
+                    if start is None:
+                        inplace = None
+                    elif len(ids) == 1:
+                        inplace = rows[start]
+                    else:
+                        inplace = rows[start:start + len(ids)].reshape(-1)
+                    targets.append(FrameTarget(nbytes, rows, ids, inplace))
+        return targets
 
     def write(self, msg: KVBlocksMsg, frames: Sequence[bytes | memoryview], dest: KVDest) -> int:
-        """Check every frame's size, then copy the frames into the destination; bytes written."""
+        """Check the runs and every frame's size, then copy the frames into the destination; bytes written."""
+        _check_runs(msg.runs, list(msg.block_ids))
         want = self.num_frames(msg)
         if len(frames) != want:
             raise KVTransferError("bad_message", f"{len(frames)} KV frames, expected {want}")
-        sizes = {memoryview(f).nbytes for f in frames}
-        if sizes - {msg.block_bytes}:
-            raise KVTransferError("bad_message", f"KV frames of {sorted(sizes)[:4]} bytes, expected {msg.block_bytes}")
-        for view, frame in zip(self.dest_views(msg, dest), frames):
-            view[:] = np.frombuffer(frame, dtype=np.uint8)
-        return want * msg.block_bytes
+        targets = self.frame_targets(msg, dest)
+        for i, (target, frame) in enumerate(zip(targets, frames)):
+            size = memoryview(frame).nbytes
+            if size != target.nbytes:
+                raise KVTransferError("bad_message", f"KV frame {i} of {size} bytes, expected {target.nbytes}")
+        for target, frame in zip(targets, frames):
+            target.scatter(np.frombuffer(frame, dtype=np.uint8))
+        return len(msg.block_ids) * len(msg.layers) * 2 * msg.block_bytes
 
 
 class KVBlockServer(abc.ABC):

@@ -6,9 +6,11 @@ call on its own event-loop thread; servers and clients submit coroutines to it.
 
 On one endpoint, a pull is length-prefixed messages:
     client -> server   u64 size, KVPullMsg
-    server -> client   u64 size, KVBlocksMsg | KVErrorMsg, then 2*B*L frames of block_bytes
+    server -> client   u64 size, KVBlocksMsg | KVErrorMsg, then 2*R*L frames (for each layer, for
+                       each run of source-consecutive blocks: K, V), each length * block_bytes
 The client checks the header before it posts a single receive, then receives each frame
-straight into its own KV cache (no staging copy).
+straight into its own KV cache when the run's destination blocks are consecutive too, else into
+a buffer it copies from per block.
 """
 
 from __future__ import annotations
@@ -178,10 +180,15 @@ class UcxKVBlockClient(KVBlockClient):
     async def _exchange(self, ep, request, lease_id, block_ids, dest, layers) -> tuple[int, int]:
         await _send_msg(ep, request)
         msg = self.sink.check_reply(await _recv_msg(ep), lease_id, block_ids, dest, layers)
-        views = self.sink.dest_views(msg, dest)
-        for view in views:  # in place: the header fixed every frame's size before any receive
-            await ep.recv(view)
-        return len(views) * msg.block_bytes, len(msg.layers)
+        # The header fixed every frame's size before any receive.
+        for target in self.sink.frame_targets(msg, dest):
+            if target.inplace is not None:
+                await ep.recv(target.inplace)  # straight into the destination blocks
+            else:
+                buf = np.empty(target.nbytes, dtype=np.uint8)
+                await ep.recv(buf)
+                target.scatter(buf)
+        return 2 * len(msg.block_ids) * len(msg.layers) * msg.block_bytes, len(msg.layers)
 
 
 def _parse(addr: str) -> tuple[str, int]:

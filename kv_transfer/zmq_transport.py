@@ -1,7 +1,8 @@
 """The ZeroMQ transport: a ROUTER socket served by a background thread, a fresh DEALER per pull.
 
 tcp (`tcp://127.0.0.1:0` picks a free port) or ipc (`ipc:///path`). Reply frames are zero-copy
-views of the KV caches (`copy=False`); the receiver copies each frame once, into its own cache.
+views of the KV caches (`copy=False`), one per layer, K or V and run of consecutive blocks; the
+receiver copies each frame once, into its own cache.
 """
 
 from __future__ import annotations
@@ -99,8 +100,10 @@ class ZmqKVBlockClient(KVBlockClient):
         try:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)  # writable only once a connection is up
-            # No reply frame may be larger than a block (or a header): a peer cannot make us allocate more.
-            sock.setsockopt(zmq.MAXMSGSIZE, max(KVSpec.of(dest.kv_caches).block_bytes, _MAX_REQUEST_BYTES))
+            # No reply frame may be larger than the whole pull's run (or a header): a peer cannot
+            # make us allocate more.
+            run_cap = len(block_ids) * KVSpec.of(dest.kv_caches).block_bytes
+            sock.setsockopt(zmq.MAXMSGSIZE, max(run_cap, _MAX_REQUEST_BYTES))
             sock.connect(addr)
             if not sock.poll(int(self.connect_timeout_s * 1000), zmq.POLLOUT):
                 raise KVTransferError("peer_gone", f"no KV server reachable at {addr}")

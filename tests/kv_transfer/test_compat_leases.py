@@ -21,6 +21,15 @@ def test_compat_hash_is_stable_and_covers_every_field():
     assert len(hashes) == len(changed) and compat_hash(**BASE) not in hashes
 
 
+def test_compat_hash_defaults_to_the_current_protocol():
+    """Protocol 2 (one frame per run) peers never pull from protocol 1 (one frame per block) peers."""
+    from tandem.kv_transfer.compat import KV_PROTOCOL_VERSION
+
+    assert KV_PROTOCOL_VERSION == 2
+    fields = {k: v for k, v in BASE.items() if k != "protocol_version"}
+    assert compat_hash(**fields) == compat_hash(**fields, protocol_version=2) != compat_hash(**BASE)
+
+
 def test_lease_grant_renew_release():
     table = LeaseTable(free_grace_s=0)
     lease = table.grant([3, 1, 4], ttl=30, now=100.0)

@@ -7,14 +7,15 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from tandem.kv_transfer.compat import compat_hash
 from tandem.kv_transfer.errors import KVTransferError
 from tandem.kv_transfer.leases import LeaseTable
-from tandem.kv_transfer.messages import KVBlocksMsg, KVErrorMsg, decode_kv_msg
-from tandem.kv_transfer.transport import KVBlockSink, KVDest
+from tandem.kv_transfer.messages import KVBlocksMsg, KVErrorMsg, KVPullMsg, decode_kv_msg, encode_kv_msg
+from tandem.kv_transfer.transport import KVBlockSink, KVBlockSource, KVDest, block_runs
 from tests.kv_transfer.conftest import COMPAT, FakeClock, random_kv, zeros_like_kv
 
 
@@ -121,7 +122,7 @@ def test_sink_checks_every_frame_size_before_writing():
     dst = zeros_like_kv(random_kv(4), 4)
     sink = KVBlockSink(COMPAT)
     block_bytes = 4 * 2 * 8 * 4
-    msg = KVBlocksMsg(COMPAT, "lease", [0], [0, 1, 2], block_bytes)
+    msg = KVBlocksMsg(COMPAT, "lease", [0], [0, 1, 2], block_bytes, [[0, 1]])
     good = bytes(block_bytes)
     frames = [b"\x01" * block_bytes] * 5 + [good[:-4]]  # the last frame is short
     with pytest.raises(KVTransferError) as err:
@@ -130,6 +131,92 @@ def test_sink_checks_every_frame_size_before_writing():
     with pytest.raises(KVTransferError):
         sink.write(msg, frames[:4], KVDest(dst, [1]))  # too few frames
     assert_untouched(dst)
+
+
+@pytest.mark.parametrize("bad", ["short", "long", "one-block"])
+def test_sink_refuses_a_run_frame_of_the_wrong_size_before_writing(bad):
+    """Runs [0, 3] and [3, 1]: the run frames are 3 and 1 blocks; one wrong-sized frame (the last
+    one, so every earlier frame would be writable) and nothing is written."""
+    dst = zeros_like_kv(random_kv(8), 8)
+    sink = KVBlockSink(COMPAT)
+    block_bytes = 4 * 2 * 8 * 4
+    msg = KVBlocksMsg(COMPAT, "lease", [2, 3, 4, 7], [0, 1, 2], block_bytes, [[0, 3], [3, 1]])
+    frames = [b"\x01" * (3 * block_bytes), b"\x01" * (3 * block_bytes), b"\x01" * block_bytes,
+              b"\x01" * block_bytes] * 3
+    wrong = {"short": 3 * block_bytes - 4, "long": 3 * block_bytes + block_bytes, "one-block": block_bytes}[bad]
+    frames[-4] = b"\x01" * wrong  # the last layer's K frame of the 3-block run
+    with pytest.raises(KVTransferError) as err:
+        sink.write(msg, frames, KVDest(dst, [0, 5, 2, 6]))
+    assert err.value.code == "bad_message" and "bytes" in str(err.value)
+    assert_untouched(dst)
+    frames[-4] = b"\x01" * (3 * block_bytes)
+    assert sink.write(msg, frames, KVDest(dst, [0, 5, 2, 6])) == 4 * 3 * 2 * block_bytes  # now it fits
+
+
+@pytest.mark.parametrize("runs", [[[0, 2]], [[0, 1], [1, 1]], [[0, 3], [3, 1], [4, 1]], [[1, 3], [0, 1]],
+                                  [[0, 4]], [[0, 0], [0, 3], [3, 1]], [[0, 3], [3]], "x"],
+                         ids=["short", "split-consecutive-ok", "past-end", "out-of-order", "not-consecutive",
+                              "empty-run", "malformed", "not-a-list"])
+def test_sink_checks_reply_runs(runs):
+    sink = KVBlockSink(COMPAT)
+    dst = zeros_like_kv(random_kv(8), 8)
+    block_bytes = 4 * 2 * 8 * 4
+    header = encode_kv_msg(KVBlocksMsg(COMPAT, "lease", [2, 3, 4, 7], [0, 1, 2], block_bytes, runs))
+    dest = KVDest(dst, [0, 1, 2, 3])
+    if runs == [[0, 1], [1, 1]]:  # covers 2 of 4: refused; a non-maximal split that covers all is fine
+        with pytest.raises(KVTransferError):
+            sink.check_reply(header, "lease", [2, 3, 4, 7], dest, None)
+        ok = encode_kv_msg(KVBlocksMsg(COMPAT, "lease", [2, 3, 4, 7], [0, 1, 2], block_bytes,
+                                       [[0, 1], [1, 2], [3, 1]]))
+        assert sink.check_reply(ok, "lease", [2, 3, 4, 7], dest, None).runs == [[0, 1], [1, 2], [3, 1]]
+        return
+    with pytest.raises(KVTransferError) as err:
+        sink.check_reply(header, "lease", [2, 3, 4, 7], dest, None)
+    assert err.value.code == "bad_message"
+
+
+def test_block_runs_and_reply_frames():
+    assert block_runs([]) == []
+    assert block_runs([5, 2, 7]) == [[0, 1], [1, 1], [2, 1]]
+    assert block_runs(list(range(8))) == [[0, 8]]
+    assert block_runs([0, 1, 2, 5, 6, 3, 7]) == [[0, 3], [3, 2], [5, 1], [6, 1]]
+    assert block_runs([3, 2, 1]) == [[0, 1], [1, 1], [2, 1]]  # descending ids are not a run
+    src = random_kv(8)
+    leases = LeaseTable()
+    lease = leases.grant(list(range(8)), ttl=30, now=time.time())
+    source = KVBlockSource(src, leases, COMPAT)
+    frames = source.serve(encode_kv_msg(KVPullMsg(COMPAT, lease.lease_id, [0, 1, 2, 5, 6, 3], [2, 0])))
+    header = decode_kv_msg(frames[0])
+    assert header.runs == [[0, 3], [3, 2], [5, 1]] and header.layers == [2, 0]
+    assert len(frames) == 1 + 2 * 3 * 2  # for each layer, for each run: K, V
+    block_bytes = header.block_bytes
+    assert [memoryview(f).nbytes // block_bytes for f in frames[1:7]] == [3, 3, 2, 2, 1, 1]
+    assert bytes(frames[1]) == src[2][0][0:3].numpy().tobytes()  # layer 2's K of blocks 0..2
+    assert bytes(frames[4]) == src[2][1][5:7].numpy().tobytes()  # layer 2's V of blocks 5, 6
+    assert bytes(frames[12]) == src[0][1][3].numpy().tobytes()  # layer 0's V of block 3
+    # zero copy: the frames are views of the cache
+    assert np.shares_memory(np.frombuffer(frames[1], dtype=np.uint8), src[2][0].numpy())
+
+
+@pytest.mark.parametrize("src_ids,dst_ids", [
+    ([5, 2, 7], [0, 3, 1]),  # runs of length 1
+    (list(range(8)), list(range(8))),  # one full consecutive run, consecutive destination
+    (list(range(8)), [7, 6, 5, 4, 3, 2, 1, 0]),  # one run, non-consecutive destination
+    ([0, 1, 2, 5, 6, 3], [9, 1, 2, 3, 4, 8]),  # mixed runs, destination runs partly consecutive
+    ([4, 5, 6, 7], [0, 2, 4, 6]),  # consecutive source, every other destination block
+], ids=["singles", "full", "full-reversed-dest", "mixed", "strided-dest"])
+def test_runs_round_trip(transport, src_ids, dst_ids):
+    src = random_kv(8, torch.bfloat16)
+    dst = zeros_like_kv(src, 10)
+    leases = LeaseTable()
+    lease = leases.grant(list(range(8)), ttl=30, now=time.time())
+    with transport.server(src, leases) as server:
+        stats = transport.client().pull(server.address, lease.lease_id, src_ids, KVDest(dst, dst_ids))
+    assert_pulled(src, dst, src_ids, dst_ids)
+    untouched = sorted(set(range(10)) - set(dst_ids))
+    for layer in dst:
+        assert not layer[0][untouched].any() and not layer[1][untouched].any()
+    assert stats.num_bytes == len(src_ids) * 3 * 2 * 4 * 2 * 8 * 2
 
 
 def test_lease_expiry(transport):
