@@ -81,7 +81,6 @@ class EngineCore:
         self.runner = ModelRunner(self.model, num_blocks, bs, TorchAttentionBackend(), self.device)
         self.eos_token_ids = frozenset(self.source.eos_token_ids)
         self._arrivals = 0
-        self._sent_prompt_logprobs: set[str] = set()
         self.prompt_tokens = 0
         self.generation_tokens = 0
         logger.info("engine ready: %s, %d KV blocks of %d tokens", mc.architecture, num_blocks, bs)
@@ -140,8 +139,7 @@ class EngineCore:
         return ids
 
     def abort(self, request_ids: list[str]) -> None:
-        for request in self.scheduler.abort(request_ids):
-            self._sent_prompt_logprobs.discard(request.request_id)
+        self.scheduler.abort(request_ids)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -161,13 +159,11 @@ class EngineCore:
 
     def _output_of(self, request: Request) -> EngineCoreOutput:
         self.generation_tokens += 1
+        # Prompt logprobs are complete once the first token is sampled: send them with it, once.
         prompt_lps = None
-        if request.params.prompt_logprobs is not None and request.request_id not in self._sent_prompt_logprobs:
-            self._sent_prompt_logprobs.add(request.request_id)
+        if request.params.prompt_logprobs is not None and request.num_output_tokens == 1:
             prompt_lps = request.prompt_logprobs
         finished = request.status.is_finished
-        if finished:
-            self._sent_prompt_logprobs.discard(request.request_id)
         return EngineCoreOutput(
             request_id=request.request_id,
             new_token_ids=[request.output_token_ids[-1]],

@@ -135,25 +135,10 @@ class ModelRunner:
 
     def _sampling_metadata(self, seqs) -> SamplingMetadata:
         reqs = [s.request for s in seqs]
-        suppressed = []
-        for r in reqs:
-            p = r.params
-            ids: list[int] = []
-            if r.num_output_tokens < p.min_tokens:
-                ids = sorted(set(r.eos_token_ids) | set(p.stop_token_ids))
-            suppressed.append(ids)
-        return SamplingMetadata(
-            temperature=[r.params.temperature for r in reqs],
-            top_k=[r.params.top_k for r in reqs],
-            top_p=[r.params.top_p for r in reqs],
-            min_p=[r.params.min_p for r in reqs],
-            presence_penalty=[r.params.presence_penalty for r in reqs],
-            frequency_penalty=[r.params.frequency_penalty for r in reqs],
-            repetition_penalty=[r.params.repetition_penalty for r in reqs],
-            logit_bias=[r.params.logit_bias for r in reqs],
-            prompt_token_ids=[r.prompt_token_ids for r in reqs],
-            output_token_ids=[r.output_token_ids for r in reqs],
-            generators=[r.generator for r in reqs],
-            suppressed_token_ids=suppressed,
-            num_logprobs=[r.params.logprobs for r in reqs],
+        return SamplingMetadata.from_params(
+            [r.params for r in reqs],
+            [r.prompt_token_ids for r in reqs],
+            [r.output_token_ids for r in reqs],
+            [r.generator for r in reqs],
+            eos_token_ids=set().union(*(r.eos_token_ids for r in reqs)),  # one engine: one eos set
         )
