@@ -42,14 +42,16 @@ class KVConnectorProducer:
     def export(self, request, first_token: int) -> HandoffRecord:
         """Lease a computed prompt's blocks (`request`: request_id, block_ids, num_prompt_tokens;
         an engine Request fits). The caller keeps its block references until the lease ends."""
-        num_tokens = request.num_prompt_tokens
+        return self.export_blocks(request.request_id, request.block_ids, request.num_prompt_tokens, first_token)
+
+    def export_blocks(self, request_id: str, block_ids: list[int], num_tokens: int, first_token: int) -> HandoffRecord:
         num_blocks = -(-num_tokens // self.block_size)
-        if num_tokens < 1 or len(request.block_ids) < num_blocks:
-            raise ValueError(f"request {request.request_id}: {len(request.block_ids)} blocks for {num_tokens} tokens")
-        block_ids = list(request.block_ids[:num_blocks])  # the prompt's blocks, not a slot for the next token
+        if num_tokens < 1 or len(block_ids) < num_blocks:
+            raise ValueError(f"request {request_id}: {len(block_ids)} blocks for {num_tokens} tokens")
+        block_ids = list(block_ids[:num_blocks])  # the prompt's blocks, not a slot for the next token
         lease = self.leases.grant(block_ids, self.lease_ttl_s, self.clock())
         return HandoffRecord(
-            request.request_id, first_token, self.engine_id, self.kv_addr, lease.lease_id, block_ids, num_tokens,
+            request_id, first_token, self.engine_id, self.kv_addr, lease.lease_id, block_ids, num_tokens,
             self.compat_hash, lease.expiry,
         )
 
@@ -61,6 +63,11 @@ class KVConnectorProducer:
 
     def expire_due(self) -> list[int]:
         return self.leases.expire_due(self.clock())
+
+    def collect_freed(self) -> tuple[list[int], list[int]]:
+        """(blocks of leases released by pullers, blocks of leases that expired): for the owner of
+        the BlockPool to free, on its own thread."""
+        return self.leases.take_released(), self.expire_due()
 
 
 @dataclass(frozen=True)
@@ -95,8 +102,8 @@ class KVConnectorConsumer:
         self.failure_policy = failure_policy
         self.clock = clock
 
-    def plan_pull(self, handoff: HandoffRecord, local_hit_blocks: list[int]) -> PullPlan:
-        """`local_hit_blocks`: the local prefix-cache hits for the prompt (KVCacheManager.
+    def plan_pull(self, handoff: HandoffRecord, num_local_blocks: int) -> PullPlan:
+        """`num_local_blocks`: the local prefix-cache hits for the prompt (KVCacheManager.
         find_cached_prefix), i.e. the leading full blocks whose hashes this worker has. Only
         the rest is pulled; the trailing partial block is never a hit."""
         num_blocks = -(-handoff.num_tokens // self.block_size)
@@ -105,7 +112,7 @@ class KVConnectorConsumer:
                 "bad_block", f"handoff has {len(handoff.block_ids)} blocks for {handoff.num_tokens} tokens",
             )
         num_full = handoff.num_tokens // self.block_size
-        num_local = min(len(local_hit_blocks), num_full)
+        num_local = min(num_local_blocks, num_full)
         return PullPlan(num_local, list(handoff.block_ids[num_local:]))
 
     def pull(self, handoff: HandoffRecord, plan: PullPlan, dest: KVDest) -> PullOutcome:
@@ -121,3 +128,12 @@ class KVConnectorConsumer:
             return PullOutcome(True, "use", stats)
         except KVTransferError as exc:
             return PullOutcome(False, self.failure_policy, error=exc)
+
+    def release(self, handoff: HandoffRecord) -> KVTransferError | None:
+        """Tell the prefill worker to free the handoff's blocks; the error if that failed (the
+        lease then frees them when it expires)."""
+        try:
+            self.client.release(handoff.kv_addr, handoff.lease_id)
+        except KVTransferError as exc:
+            return exc
+        return None

@@ -35,6 +35,9 @@ class LeaseTable:
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
         self._expired: OrderedDict[str, None] = OrderedDict()
+        self._released: list[int] = []  # blocks of leases ended by release_later, for take_released
+        self.num_expired = 0  # leases that ended by expiry (nobody released them)
+        self.num_released = 0  # leases ended by release_later (the puller was done)
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -77,6 +80,37 @@ class LeaseTable:
             lease = self._leases.pop(lease_id, None)
         return list(lease.block_ids) if lease is not None else []
 
+    def revoke(self, lease_id: str, now: float) -> bool:
+        """Stop serving a lease at once (its request was aborted); its blocks are freed by
+        expire_due after the grace, as for an expiry, since a pull may still be reading them."""
+        with self._lock:
+            lease = self._leases.get(lease_id)
+            if lease is None:
+                return False
+            self._leases[lease_id] = Lease(lease.lease_id, lease.block_ids, min(lease.expiry, now))
+        return True
+
+    def release_later(self, lease_id: str, now: float) -> bool:
+        """End a lease from a thread that does not own the BlockPool (the KV server's): its blocks
+        wait in the table until the owner calls take_released. False if it was unknown or gone.
+        A lease released after its expiry counts as expired (its puller came too late)."""
+        with self._lock:
+            lease = self._leases.pop(lease_id, None)
+            if lease is not None:
+                self._released.extend(lease.block_ids)
+                if now >= lease.expiry:
+                    self._expired[lease_id] = None
+                    self.num_expired += 1
+                else:
+                    self.num_released += 1
+        return lease is not None
+
+    def take_released(self) -> list[int]:
+        """The blocks of leases ended by release_later since the last call, for the caller to free."""
+        with self._lock:
+            released, self._released = self._released, []
+        return released
+
     def expire_due(self, now: float) -> list[int]:
         """End every lease whose expiry (plus the grace) has passed; their block ids, for the
         caller to free."""
@@ -86,6 +120,7 @@ class LeaseTable:
             for lease_id in due:
                 freed.extend(self._leases.pop(lease_id).block_ids)
                 self._expired[lease_id] = None
+            self.num_expired += len(due)
             while len(self._expired) > _REMEMBER_EXPIRED:
                 self._expired.popitem(last=False)
         return freed

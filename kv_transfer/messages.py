@@ -6,6 +6,9 @@ A pull is one request and one reply:
     decode -> prefill   KVPullMsg                       (one frame)
     prefill -> decode   KVBlocksMsg + 2*R*L raw frames  (for each layer, for each run: K, V)
                         or KVErrorMsg                   (one frame)
+After a pull (or instead of one), the puller ends or extends the lease:
+    decode -> prefill   KVLeaseMsg(action "release" | "renew")
+    prefill -> decode   KVLeaseAckMsg (the new expiry; 0 once released) or KVErrorMsg
 A run is a maximal stretch of the requested block ids that are consecutive in the server's cache
 (b, b+1, ...); `runs` lists them as [first index into block_ids, length], in order, covering every
 requested block once. A run's frame is `cache[layer][b:b+length]` of K (or V), exactly
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tandem.shared.wire.codec import WireError, decode, encode
+from tandem.shared.wire.messages import HandoffRecord
 
 # Limits checked before anything is allocated or written.
 MAX_BLOCKS_PER_PULL = 1 << 16
@@ -47,24 +51,26 @@ class KVErrorMsg:
     message: str
 
 
+LEASE_ACTIONS = ("release", "renew")
+
+
 @dataclass(frozen=True)
-class HandoffRecord:
-    """What a prefill worker answers once a prompt is computed: where and under which lease the
-    decode worker can pull its KV blocks. `block_ids` cover `num_tokens` tokens (the last block
-    may be partial); `lease_expiry` is unix time."""
-
-    request_id: str
-    first_token: int
-    engine_id: str
-    kv_addr: str
-    lease_id: str
-    block_ids: list[int]
-    num_tokens: int
+class KVLeaseMsg:
     compat_hash: str
-    lease_expiry: float
+    lease_id: str
+    action: str  # one of LEASE_ACTIONS
 
 
-KV_MESSAGE_TYPES: dict[int, type] = {1: KVPullMsg, 2: KVBlocksMsg, 3: KVErrorMsg, 4: HandoffRecord}
+@dataclass(frozen=True)
+class KVLeaseAckMsg:
+    lease_id: str
+    action: str
+    expiry: float  # unix time; 0.0 after a release
+
+
+KV_MESSAGE_TYPES: dict[int, type] = {
+    1: KVPullMsg, 2: KVBlocksMsg, 3: KVErrorMsg, 4: HandoffRecord, 5: KVLeaseMsg, 6: KVLeaseAckMsg,
+}
 KV_MESSAGE_TAGS: dict[type, int] = {cls: tag for tag, cls in KV_MESSAGE_TYPES.items()}
 
 
@@ -78,5 +84,5 @@ def decode_kv_msg(header: bytes | memoryview) -> Any:
     return decode([header], KV_MESSAGE_TYPES)
 
 
-__all__ = ["KVPullMsg", "KVBlocksMsg", "KVErrorMsg", "HandoffRecord", "encode_kv_msg", "decode_kv_msg", "WireError",
-           "MAX_BLOCKS_PER_PULL"]
+__all__ = ["KVPullMsg", "KVBlocksMsg", "KVErrorMsg", "HandoffRecord", "KVLeaseMsg", "KVLeaseAckMsg", "LEASE_ACTIONS",
+           "encode_kv_msg", "decode_kv_msg", "WireError", "MAX_BLOCKS_PER_PULL"]

@@ -25,9 +25,12 @@ import torch
 from tandem.kv_transfer.errors import KVTransferError
 from tandem.kv_transfer.leases import LeaseTable
 from tandem.kv_transfer.messages import (
+    LEASE_ACTIONS,
     MAX_BLOCKS_PER_PULL,
     KVBlocksMsg,
     KVErrorMsg,
+    KVLeaseAckMsg,
+    KVLeaseMsg,
     KVPullMsg,
     WireError,
     decode_kv_msg,
@@ -156,8 +159,10 @@ class KVBlockSource:
 
     def __init__(
         self, kv_caches: KVCaches, leases: LeaseTable, compat_hash: str, clock: Callable[[], float] = time.time,
+        lease_ttl_s: float = 30.0,
     ) -> None:
         self.kv_caches = kv_caches
+        self.lease_ttl_s = lease_ttl_s  # what a renew extends a lease by
         self.spec = KVSpec.of(kv_caches)
         self.leases = leases
         self.compat_hash = compat_hash
@@ -178,8 +183,10 @@ class KVBlockSource:
             msg = decode_kv_msg(request)
         except WireError as exc:
             raise KVTransferError("bad_message", str(exc)) from None
+        if isinstance(msg, KVLeaseMsg):
+            return [encode_kv_msg(self._lease_action(msg))]
         if not isinstance(msg, KVPullMsg):
-            raise KVTransferError("bad_message", f"expected KVPullMsg, got {type(msg).__name__}")
+            raise KVTransferError("bad_message", f"expected KVPullMsg or KVLeaseMsg, got {type(msg).__name__}")
         if msg.compat_hash != self.compat_hash:
             raise KVTransferError(
                 "compat_mismatch",
@@ -212,6 +219,33 @@ class KVBlockSource:
                     frames.append(memoryview(key[start:start + length].reshape(-1)))
                     frames.append(memoryview(value[start:start + length].reshape(-1)))
         return frames
+
+
+    def _lease_action(self, msg: KVLeaseMsg) -> KVLeaseAckMsg:
+        if msg.compat_hash != self.compat_hash:
+            raise KVTransferError("compat_mismatch", f"peer compat {msg.compat_hash[:12]} != ours")
+        if msg.action == "release":
+            # The blocks are freed by the engine thread (take_released); a release of a lease that
+            # is already gone is not an error: the puller's goal holds.
+            self.leases.release_later(msg.lease_id, self.clock())
+            return KVLeaseAckMsg(msg.lease_id, msg.action, 0.0)
+        if msg.action == "renew":
+            return KVLeaseAckMsg(msg.lease_id, msg.action, self.leases.renew(msg.lease_id, self.lease_ttl_s,
+                                                                             self.clock()).expiry)
+        raise KVTransferError("bad_message", f"lease action must be one of {LEASE_ACTIONS}, got {msg.action!r}")
+
+
+def check_lease_ack(header: bytes | memoryview, lease_id: str, action: str) -> float:
+    """A KVLeaseAckMsg answering our KVLeaseMsg: its expiry; raises the server's KVTransferError."""
+    try:
+        msg = decode_kv_msg(header)
+    except WireError as exc:
+        raise KVTransferError("bad_message", f"reply: {exc}") from None
+    if isinstance(msg, KVErrorMsg):
+        raise KVTransferError(msg.code, f"from server: {msg.message}")
+    if not isinstance(msg, KVLeaseAckMsg) or msg.lease_id != lease_id or msg.action != action:
+        raise KVTransferError("bad_message", f"expected the ack of {action} {lease_id[:8]}...")
+    return msg.expiry
 
 
 class KVBlockSink:
@@ -314,12 +348,30 @@ class KVBlockServer(abc.ABC):
 
 
 class KVBlockClient(abc.ABC):
+    compat_hash: str
+
     @abc.abstractmethod
     def pull(
         self, addr: str, lease_id: str, block_ids: list[int], dest: KVDest, layers: list[int] | None = None,
     ) -> PullStats:
         """Pull the remote `block_ids` (under `lease_id`) into `dest`; raises KVTransferError.
         Nothing is written unless the whole reply checked out."""
+
+    def release(self, addr: str, lease_id: str) -> None:
+        """End the lease (the serving worker frees its blocks); raises KVTransferError."""
+        self._lease_request(addr, lease_id, "release")
+
+    def renew(self, addr: str, lease_id: str) -> float:
+        """Extend the lease by the server's TTL; the new expiry (unix time). Raises KVTransferError."""
+        return self._lease_request(addr, lease_id, "renew")
+
+    def _lease_request(self, addr: str, lease_id: str, action: str) -> float:
+        reply = self._request_reply(addr, encode_kv_msg(KVLeaseMsg(self.compat_hash, lease_id, action)))
+        return check_lease_ack(reply, lease_id, action)
+
+    @abc.abstractmethod
+    def _request_reply(self, addr: str, request: bytes) -> bytes:
+        """Send one request frame, return the one reply frame (lease messages)."""
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         pass

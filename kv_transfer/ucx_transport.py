@@ -90,10 +90,10 @@ class UcxKVBlockServer(KVBlockServer):
 
     def __init__(
         self, addr: str, kv_caches: KVCaches, leases: LeaseTable, compat_hash: str,
-        clock: Callable[[], float] = time.time, runtime: UcxRuntime | None = None,
+        clock: Callable[[], float] = time.time, runtime: UcxRuntime | None = None, lease_ttl_s: float = 30.0,
     ) -> None:
         host, port = _parse(addr)
-        self.source = KVBlockSource(kv_caches, leases, compat_hash, clock)
+        self.source = KVBlockSource(kv_caches, leases, compat_hash, clock, lease_ttl_s)
         self.runtime = runtime or UcxRuntime.default()
         self._host, self._port = host, port
         self._listener = None
@@ -142,6 +142,7 @@ class UcxKVBlockClient(KVBlockClient):
         self, compat_hash: str, timeout_s: float = 10.0, connect_timeout_s: float | None = None,
         runtime: UcxRuntime | None = None,
     ) -> None:
+        self.compat_hash = compat_hash
         self.sink = KVBlockSink(compat_hash)
         self.timeout_s = timeout_s
         self.connect_timeout_s = timeout_s if connect_timeout_s is None else connect_timeout_s
@@ -156,7 +157,23 @@ class UcxKVBlockClient(KVBlockClient):
         num_bytes, num_layers = self.runtime.run(self._pull(host, port, request, lease_id, block_ids, dest, layers))
         return PullStats(len(block_ids), num_layers, num_bytes, time.perf_counter() - t0)
 
+    def _request_reply(self, addr: str, request: bytes) -> bytes:
+        host, port = _parse(addr)
+
+        async def exchange(ep):
+            await _send_msg(ep, request)
+            return await _recv_msg(ep)
+
+        return self.runtime.run(self._on_endpoint(host, port, exchange))
+
     async def _pull(self, host, port, request, lease_id, block_ids, dest, layers) -> tuple[int, int]:
+        async def exchange(ep):
+            return await self._exchange(ep, request, lease_id, block_ids, dest, layers)
+
+        return await self._on_endpoint(host, port, exchange)
+
+    async def _on_endpoint(self, host, port, exchange):
+        """Connect, run `exchange(ep)` under the timeout, close; UCX failures become KVTransferError."""
         try:
             ep = await asyncio.wait_for(
                 ucxx.create_endpoint(host, port, connect_timeout=self.connect_timeout_s), self.connect_timeout_s,
@@ -164,8 +181,7 @@ class UcxKVBlockClient(KVBlockClient):
         except (TimeoutError, ucxx.exceptions.UCXError) as exc:
             raise KVTransferError("peer_gone", f"no KV server reachable at {host}:{port}: {exc}") from None
         try:
-            exchange = self._exchange(ep, request, lease_id, block_ids, dest, layers)
-            return await asyncio.wait_for(exchange, self.timeout_s)
+            return await asyncio.wait_for(exchange(ep), self.timeout_s)
         except TimeoutError:
             raise KVTransferError("timeout", f"no complete reply from {host}:{port} in {self.timeout_s}s") from None
         except ucxx.exceptions.UCXError as exc:

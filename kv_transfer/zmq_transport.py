@@ -33,11 +33,11 @@ _MAX_REQUEST_BYTES = 16 << 20
 class ZmqKVBlockServer(KVBlockServer):
     def __init__(
         self, addr: str, kv_caches: KVCaches, leases: LeaseTable, compat_hash: str,
-        clock: Callable[[], float] = time.time, ctx: zmq.Context | None = None,
+        clock: Callable[[], float] = time.time, ctx: zmq.Context | None = None, lease_ttl_s: float = 30.0,
     ) -> None:
         if addr.startswith("tcp://*"):
             raise ValueError("bind the KV server to a configured interface, not '*'")
-        self.source = KVBlockSource(kv_caches, leases, compat_hash, clock)
+        self.source = KVBlockSource(kv_caches, leases, compat_hash, clock, lease_ttl_s)
         self._ctx = ctx or zmq.Context.instance()
         self._socket = self._ctx.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -84,6 +84,7 @@ class ZmqKVBlockClient(KVBlockClient):
         self, compat_hash: str, timeout_s: float = 10.0, connect_timeout_s: float | None = None,
         ctx: zmq.Context | None = None,
     ) -> None:
+        self.compat_hash = compat_hash
         self.sink = KVBlockSink(compat_hash)
         self.timeout_s = timeout_s
         self.connect_timeout_s = timeout_s if connect_timeout_s is None else connect_timeout_s
@@ -94,25 +95,34 @@ class ZmqKVBlockClient(KVBlockClient):
     ) -> PullStats:
         t0 = time.perf_counter()
         request = self.sink.request(lease_id, block_ids, dest, layers)
-        # A fresh socket per pull: a late reply to an earlier, timed-out pull can never be taken
+        # No reply frame may be larger than the whole pull's run (or a header): a peer cannot make
+        # us allocate more.
+        run_cap = len(block_ids) * KVSpec.of(dest.kv_caches).block_bytes
+        header, *frames = self._exchange(addr, request, max(run_cap, _MAX_REQUEST_BYTES))
+        msg = self.sink.check_reply(header.buffer, lease_id, block_ids, dest, layers)
+        num_bytes = self.sink.write(msg, [f.buffer for f in frames], dest)
+        return PullStats(len(block_ids), len(msg.layers), num_bytes, time.perf_counter() - t0)
+
+    def _request_reply(self, addr: str, request: bytes) -> bytes:
+        header, *rest = self._exchange(addr, request, _MAX_REQUEST_BYTES)
+        if rest:
+            raise KVTransferError("bad_message", f"a one-frame reply expected, got {1 + len(rest)} frames")
+        return header.bytes
+
+    def _exchange(self, addr: str, request: bytes, max_frame_bytes: int) -> list[zmq.Frame]:
+        # A fresh socket per exchange: a late reply to an earlier, timed-out one can never be taken
         # for this one's.
         sock = self._ctx.socket(zmq.DEALER)
         try:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)  # writable only once a connection is up
-            # No reply frame may be larger than the whole pull's run (or a header): a peer cannot
-            # make us allocate more.
-            run_cap = len(block_ids) * KVSpec.of(dest.kv_caches).block_bytes
-            sock.setsockopt(zmq.MAXMSGSIZE, max(run_cap, _MAX_REQUEST_BYTES))
+            sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
             sock.connect(addr)
             if not sock.poll(int(self.connect_timeout_s * 1000), zmq.POLLOUT):
                 raise KVTransferError("peer_gone", f"no KV server reachable at {addr}")
             sock.send(request)
             if not sock.poll(int(self.timeout_s * 1000), zmq.POLLIN):
                 raise KVTransferError("timeout", f"no reply from {addr} in {self.timeout_s}s")
-            header, *frames = sock.recv_multipart(copy=False)
+            return sock.recv_multipart(copy=False)
         finally:
             sock.close(linger=0)
-        msg = self.sink.check_reply(header.buffer, lease_id, block_ids, dest, layers)
-        num_bytes = self.sink.write(msg, [f.buffer for f in frames], dest)
-        return PullStats(len(block_ids), len(msg.layers), num_bytes, time.perf_counter() - t0)

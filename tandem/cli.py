@@ -59,6 +59,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(config_from_args(args, dict(os.environ)))
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """`tandem prefill|decode [MODEL]`, `tandem worker --role mixed [MODEL]`."""
+    import os
+
+    try:
+        from tandem.services.worker.config import worker_config_from_args
+        from tandem.services.worker.main import run
+    except ImportError as exc:
+        print(f"tandem: error: workers need the server dependencies ({exc}): pip install 'tandem[serve]'",
+              file=sys.stderr)
+        return 2
+    role = args.role or args.command
+    return run(worker_config_from_args(args, dict(os.environ), role, engine_kwargs(args)))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`tandem bench serve ...` / `tandem bench report ...`: the rest of argv goes to loadtests/."""
+    try:
+        if args.bench_command == "serve":
+            from tandem.loadtests.serve_bench import main as bench_main
+        else:
+            from tandem.loadtests.bench_report import main as bench_main
+    except ImportError as exc:  # httpx comes with the `bench` (or `test`) extra
+        print(f"tandem: error: bench needs its dependencies ({exc}): pip install 'tandem[bench]'", file=sys.stderr)
+        return 2
+    return bench_main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Tandem LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="engine socket: ipc in a private temp folder, or tcp on 127.0.0.1")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
+
+    from tandem.services.worker.config import ROLES, add_worker_args
+
+    for name, text in (("prefill", "a prefill worker: computes prompts and hands their KV off"),
+                       ("decode", "a decode worker: pulls handed-off KV and generates"),
+                       ("worker", "a worker in any role (--role prefill|decode|mixed)")):
+        w = sub.add_parser(name, help=text)
+        w.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="HF folder or .gguf file")
+        add_engine_args(w)
+        add_worker_args(w)
+        if name == "worker":
+            w.add_argument("--role", default="mixed", choices=ROLES)
+        else:
+            w.set_defaults(role=None)
+        w.set_defaults(func=cmd_worker)
+
+    bench = sub.add_parser("bench", help="benchmarks: `tandem bench serve --help`, `tandem bench report --help`")
+    bench.add_argument("bench_command", choices=["serve", "report"], help="serve: load-test a server; report: HTML")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

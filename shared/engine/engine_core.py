@@ -14,7 +14,7 @@ from tandem.shared.engine.kv_cache_manager import KVCacheManager
 from tandem.shared.engine.request import Request, RequestStatus
 from tandem.shared.engine.runner import ModelRunner
 from tandem.shared.engine.sampler import TokenLogprobs
-from tandem.shared.engine.scheduler import Scheduler, SchedulerConfig
+from tandem.shared.engine.scheduler import KVPullSlot, Scheduler, SchedulerConfig
 from tandem.shared.models.config import ModelConfig, model_config_from_hf
 from tandem.shared.models.hf_folder import ModelSource, resolve_model
 from tandem.shared.models.loader import build_model
@@ -34,6 +34,8 @@ class EngineCoreOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    handed_off_blocks: list[int] | None = None  # kv_export: the prompt's blocks, referenced for a lease
+    handed_off_tokens: int = 0  # the tokens those blocks hold (the prompt)
 
 
 @dataclass
@@ -106,10 +108,13 @@ class EngineCore:
                 raise InvalidParameterError(field_name, f"token id {token_id} is outside the vocabulary")
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None,
+        kv_export: bool = False,
     ) -> list[str]:
         """Queue a request (n>1: one sequence per choice, children sharing the prompt blocks).
-        Returns the sequence ids whose outputs will carry this request's choices, in index order."""
+        Returns the sequence ids whose outputs will carry this request's choices, in index order.
+        `kv_export` (prefill role): each sequence ends after its first token, handing its prompt
+        blocks off (EngineCoreOutput.handed_off_blocks) unless that token already finished it."""
         self.validate(prompt_token_ids, params)
         running = self.scheduler.requests
         if request_id in running or child_request_id(request_id, 0, params.n) in running:
@@ -130,6 +135,7 @@ class EngineCore:
                 cache_salt=cache_salt,
                 parent_id=parent_id,
                 generator=generator,
+                kv_export=kv_export,
             )
             self._arrivals += 1
             self.scheduler.add_request(request)
@@ -137,6 +143,55 @@ class EngineCore:
             ids.append(seq_id)
         self.prompt_tokens += len(prompt_token_ids)
         return ids
+
+    def add_prefilled_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, first_token: int,
+        cache_salt: str | None = None,
+    ) -> None:
+        """Continue a sequence whose prompt was computed and first token sampled elsewhere (decode
+        role). It waits for its KV (take_kv_pulls / finish_kv_pull); a failed pull recomputes."""
+        self.validate(prompt_token_ids, params)
+        if not isinstance(first_token, int) or not 0 <= first_token < self.model_config.vocab_size:
+            raise InvalidParameterError("first_token", f"token id {first_token!r} is outside the vocabulary")
+        if len(prompt_token_ids) + 1 >= self.model_config.max_model_len:
+            raise InvalidParameterError("prompt", "a handed-off prompt must leave room after its first token")
+        if request_id in self.scheduler.requests:
+            raise InvalidParameterError("request_id", f"request {request_id!r} is already running")
+        generator = None
+        if params.seed is not None:
+            index = int(request_id.rsplit("#", 1)[1]) if params.n > 1 and "#" in request_id else 0
+            generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
+            if not params.is_greedy:  # the prefill worker drew once for the first token: draw the same
+                torch.empty(self.model_config.vocab_size, device=self.device).exponential_(generator=generator)
+        request = Request(
+            request_id=request_id, prompt_token_ids=list(prompt_token_ids), params=params,
+            eos_token_ids=self.eos_token_ids, arrival_index=self._arrivals, cache_salt=cache_salt,
+            generator=generator,
+        )
+        request.append_output_token(first_token)
+        self._arrivals += 1
+        self.scheduler.add_awaiting_kv(request)
+
+    def take_kv_pulls(self) -> list[KVPullSlot]:
+        """Blocks for the prompts waiting for their KV, while blocks last; the caller pulls into them."""
+        slots = self.scheduler.start_kv_pulls()
+        self.runner.prepare_external_write([b for slot in slots for b in slot.dest_block_ids])
+        return slots
+
+    def finish_kv_pull(self, request_id: str, ok: bool) -> bool:
+        """A pull ended (ok: the KV is in place; else the request recomputes it). False if the
+        request had ended meanwhile."""
+        return self.scheduler.finish_kv_pull(request_id, ok) is not None
+
+    def fail_request(self, request_id: str) -> None:
+        """End a sequence with an error (a failed KV pull under the "fail" policy)."""
+        request = self.scheduler.requests.get(request_id)
+        if request is not None:
+            self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+
+    def free_blocks(self, block_ids: list[int]) -> None:
+        """Drop the references a lease held (handed-off prompt blocks)."""
+        self.kv.pool.free(block_ids)
 
     def abort(self, request_ids: list[str]) -> None:
         self.scheduler.abort(request_ids)
@@ -154,7 +209,11 @@ class EngineCore:
         result = self.runner.execute(sched)
         outputs = []
         for request in self.scheduler.update(sched, result):
-            outputs.append(self._output_of(request))
+            output = self._output_of(request)
+            if request.kv_export and not request.status.is_finished:
+                output.handed_off_blocks = self.scheduler.hand_off(request)
+                output.handed_off_tokens = request.num_prompt_tokens
+            outputs.append(output)
         return outputs
 
     def _output_of(self, request: Request) -> EngineCoreOutput:
@@ -183,7 +242,8 @@ class EngineCore:
             prefix_cache_queries=self.kv.stats.queries,
             prefix_cache_hits=self.kv.stats.hits,
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting) + sum(len(c) for c in self.scheduler.children.values()),
+            num_waiting=len(self.scheduler.waiting) + len(self.scheduler.awaiting_kv)
+            + sum(len(c) for c in self.scheduler.children.values()),
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,

@@ -17,12 +17,14 @@ class RequestStatus(enum.IntEnum):
 
     WAITING = 0
     WAITING_FOR_PARENT = 1  # an n>1 child waits until its parent's prompt blocks exist
-    RUNNING = 2
-    PREEMPTED = 3
-    FINISHED_STOPPED = 4  # eos, stop token id or stop string
-    FINISHED_LENGTH = 5  # max_tokens or the context length
-    FINISHED_ABORTED = 6
-    FINISHED_ERROR = 7
+    WAITING_FOR_KV = 2  # a decode worker's request whose prompt KV is pulled from a prefill worker
+    RUNNING = 3
+    PREEMPTED = 4
+    FINISHED_STOPPED = 5  # eos, stop token id or stop string
+    FINISHED_LENGTH = 6  # max_tokens or the context length
+    FINISHED_ABORTED = 7
+    FINISHED_ERROR = 8
+    FINISHED_HANDED_OFF = 9  # a prefill worker's request: the prompt's KV is leased to a decode worker
 
     @property
     def is_finished(self) -> bool:
@@ -69,6 +71,8 @@ class Request:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     stop_reason: int | str | None = None
+    kv_export: bool = False  # prefill role: hand the prompt's KV off after the first token
+    kv_pull_in_flight: bool = False  # decode role: a transfer thread writes into this request's blocks
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

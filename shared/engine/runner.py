@@ -125,6 +125,12 @@ class ModelRunner:
             out.prompt_logprobs[req.request_id] = ([None] if seq.prompt_logprobs_from == 0 else []) + lps
         return out
 
+    def prepare_external_write(self, block_ids: list[int]) -> None:
+        """Blocks that another writer (a KV pull) fills: zero the never-used range below them now,
+        so that a later first use does not wipe what was written."""
+        if block_ids:
+            self._zero_new_blocks(max(block_ids) + 1)
+
     def _zero_new_blocks(self, upto: int) -> None:
         if upto <= self.num_zeroed_blocks:
             return

@@ -46,6 +46,17 @@ class SchedulerOutput:
         return sum(s.num_tokens for s in self.seqs)
 
 
+@dataclass(frozen=True)
+class KVPullSlot:
+    """A decode worker's request whose prompt blocks are allocated and whose KV is to be pulled:
+    the first `num_local_blocks` blocks were local prefix-cache hits; the remote blocks
+    [num_local_blocks:] of the handoff land in `dest_block_ids` (same order)."""
+
+    request_id: str
+    num_local_blocks: int
+    dest_block_ids: list[int]
+
+
 @dataclass
 class RunnerOutput:
     """Per scheduled request id: the sampled token (only for seqs that sample), its logprobs,
@@ -64,6 +75,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.children: dict[str, list[Request]] = {}  # parent id -> n>1 children not yet released
         self.requests: dict[str, Request] = {}
+        self.awaiting_kv: dict[str, Request] = {}  # WAITING_FOR_KV, in arrival order
+        self.orphaned_pulls: dict[str, Request] = {}  # finished while a transfer wrote into their blocks
         self.num_preemptions = 0
 
     # --- admission -------------------------------------------------------------------------
@@ -75,6 +88,53 @@ class Scheduler:
             return
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
+
+    def add_awaiting_kv(self, request: Request) -> None:
+        """A request whose prompt was computed elsewhere: it waits for blocks and its KV pull."""
+        self.requests[request.request_id] = request
+        request.status = RequestStatus.WAITING_FOR_KV
+        self.awaiting_kv[request.request_id] = request
+
+    def start_kv_pulls(self) -> list[KVPullSlot]:
+        """Allocate the prompt blocks of awaiting requests, oldest first, while blocks last: local
+        prefix-cache hits are taken, the rest is for the caller to pull (then finish_kv_pull)."""
+        slots = []
+        bs = self.kv.block_size
+        for request in self.awaiting_kv.values():
+            if request.kv_pull_in_flight or request.block_ids:
+                continue
+            hits = self.kv.find_cached_prefix(request)  # full prompt blocks only: the first token follows
+            num_prompt = request.num_prompt_tokens
+            if not self.kv.allocate_slots(request, num_prompt - len(hits) * bs, hits):
+                break  # blocks free up as running requests finish; keep arrival order
+            self.kv.record_prefix_query(num_prompt, len(hits) * bs)
+            request.num_cached_tokens = len(hits) * bs
+            request.kv_pull_in_flight = True
+            slots.append(KVPullSlot(request.request_id, len(hits), request.block_ids[len(hits):]))
+        return slots
+
+    def finish_kv_pull(self, request_id: str, ok: bool) -> Request | None:
+        """A pull ended. ok: the prompt's KV is in place and the request waits to decode; else it
+        recomputes the prompt (its local hits are found again in the prefix cache). The request, or None if it
+        had finished meanwhile (its blocks are freed now that nothing writes into them)."""
+        orphan = self.orphaned_pulls.pop(request_id, None)
+        if orphan is not None:
+            orphan.kv_pull_in_flight = False
+            self.kv.free(orphan)
+            return None
+        request = self.awaiting_kv.pop(request_id, None)
+        if request is None:
+            return None
+        request.kv_pull_in_flight = False
+        if ok:
+            request.num_computed_tokens = request.num_prompt_tokens
+            self.kv.cache_computed_blocks(request)
+        else:  # recompute: as after a preemption (the prefix cache still has its local hits)
+            self.kv.free(request)
+            request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+        return request
 
     def abort(self, request_ids: list[str]) -> list[Request]:
         aborted = []
@@ -93,10 +153,24 @@ class Scheduler:
             self.waiting.remove(request)
         elif request.status == RequestStatus.WAITING_FOR_PARENT:
             self.children[request.parent_id].remove(request)
+        elif request.status == RequestStatus.WAITING_FOR_KV:
+            del self.awaiting_kv[request.request_id]
         request.status = status
         self._release_children(request)  # before the free: children take references first
-        self.kv.free(request)
         del self.requests[request.request_id]
+        if request.kv_pull_in_flight:  # a transfer still writes into its blocks: free them after it
+            self.orphaned_pulls[request.request_id] = request
+            return
+        self.kv.free(request)
+
+    def hand_off(self, request: Request) -> list[int]:
+        """A prefill worker's request has its first token: finish it here, keeping one more
+        reference on each prompt block for the lease (the caller frees them when the lease ends)."""
+        num_blocks = -(-request.num_prompt_tokens // self.kv.block_size)
+        block_ids = list(request.block_ids[:num_blocks])
+        self.kv.pool.touch(block_ids)
+        self.finish(request, RequestStatus.FINISHED_HANDED_OFF)
+        return block_ids
 
     @property
     def num_unfinished(self) -> int:

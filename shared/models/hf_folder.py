@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -67,6 +68,27 @@ def resolve_model(model: str | os.PathLike[str] | None, require_weights: bool = 
     raise ModelLoadError(
         f"{path}: not a model: expected a .gguf file or a Hugging Face folder with config.json"
     )
+
+
+_FINGERPRINT_BYTES = 1 << 20
+
+
+def model_fingerprint(source: ModelSource, load_format: str = "auto") -> str:
+    """A short id of the weights two workers must share to exchange KV: the config, and for each
+    weight file its name, size and first and last MiB (cheap; tells fine-tunes of one base apart).
+    Random (`dummy`) weights are seeded, so their config alone identifies them."""
+    digest = hashlib.sha256(json.dumps(source.hf_config, sort_keys=True, default=str).encode())
+    digest.update(load_format.encode())
+    if load_format != "dummy":
+        files = [source.path] if source.is_gguf else _weight_files(source.path)
+        for file in files:
+            size = file.stat().st_size
+            digest.update(f"{file.name}:{size}".encode())
+            with open(file, "rb") as f:
+                digest.update(f.read(_FINGERPRINT_BYTES))
+                f.seek(max(size - _FINGERPRINT_BYTES, 0))
+                digest.update(f.read(_FINGERPRINT_BYTES))
+    return f"{source.path.name}:{digest.hexdigest()[:16]}"
 
 
 def _looks_like_gguf(path: Path) -> bool:

@@ -19,11 +19,35 @@ from tandem.shared.wire.codec import PROTOCOL_VERSION, Frames, decode, encode
 
 
 @dataclass(frozen=True)
+class HandoffRecord:
+    """What a prefill worker answers once a prompt is computed: where and under which lease a
+    decode worker can pull the prompt's KV blocks. `block_ids` cover `num_tokens` tokens (the last
+    block may be partial); `lease_expiry` is unix time. Also the KV protocol's tag 4."""
+
+    request_id: str  # the engine sequence id on the prefill worker
+    first_token: int
+    engine_id: str
+    kv_addr: str
+    lease_id: str
+    block_ids: list[int]
+    num_tokens: int
+    compat_hash: str
+    lease_expiry: float
+
+
+@dataclass(frozen=True)
 class AddRequestMsg:
+    """`kv_export`: a prefill worker computes the prompt, samples the first token, keeps the
+    prompt's blocks under a lease and answers with a HandoffRecord (SeqOutput.handoff).
+    `kv_import`: a decode worker continues a prompt prefilled elsewhere: `prompt_token_ids` is the
+    prompt, the first token is `kv_import.first_token`, the KV is pulled from `kv_import.kv_addr`."""
+
     request_id: str
     prompt_token_ids: list[int]
     params: dict[str, Any]  # SamplingParams fields by name (params_to_wire)
     cache_salt: str | None = None
+    kv_export: bool = False
+    kv_import: HandoffRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +63,13 @@ class StatsRequestMsg:
 @dataclass(frozen=True)
 class ShutdownMsg:
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class HelloMsg:
+    """A client's first message to a worker; answered with ReadyMsg."""
+
+    client_id: str
 
 
 # --- engine -> frontend ---------------------------------------------------------------------------
@@ -67,9 +98,10 @@ class SeqOutput:
     finish_reason: str | None
     stop_reason: int | str | None
     num_cached_tokens: int
+    handoff: HandoffRecord | None = None  # kv_export requests: the prompt is ready to pull
 
     @classmethod
-    def of(cls, out: Any) -> SeqOutput:
+    def of(cls, out: Any, handoff: HandoffRecord | None = None) -> SeqOutput:
         """From an EngineCoreOutput (duck-typed: this module must not import torch)."""
 
         def lp(x: Any) -> WireLogprobs:
@@ -80,7 +112,7 @@ class SeqOutput:
             prompt = [None if x is None else lp(x) for x in out.prompt_logprobs]
         return cls(
             out.request_id, list(out.new_token_ids), [lp(x) for x in out.new_logprobs], prompt,
-            out.finish_reason, out.stop_reason, out.num_cached_tokens,
+            out.finish_reason, out.stop_reason, out.num_cached_tokens, handoff,
         )
 
 
@@ -130,6 +162,9 @@ class ReadyMsg:
     eos_token_ids: list[int]
     block_size: int
     num_kv_blocks: int
+    role: str = "mixed"  # a worker's role: "prefill", "decode" or "mixed" (serve's engine: "mixed")
+    kv_addr: str = ""  # where a worker serves KV pulls ("" for serve's engine)
+    compat_hash: str = ""
 
 
 # The tag table: tags are part of the protocol; never reuse or renumber one.
@@ -138,6 +173,7 @@ MESSAGE_TYPES: dict[int, type] = {
     2: AbortMsg,
     3: StatsRequestMsg,
     4: ShutdownMsg,
+    5: HelloMsg,
     16: EngineOutputsMsg,
     17: StatsMsg,
     18: ErrorMsg,
@@ -146,7 +182,8 @@ MESSAGE_TYPES: dict[int, type] = {
 MESSAGE_TAGS: dict[type, int] = {cls: tag for tag, cls in MESSAGE_TYPES.items()}
 
 __all__ = [
-    "PROTOCOL_VERSION", "AddRequestMsg", "AbortMsg", "StatsRequestMsg", "ShutdownMsg", "WireLogprobs", "SeqOutput",
+    "PROTOCOL_VERSION", "HandoffRecord", "AddRequestMsg", "AbortMsg", "StatsRequestMsg", "ShutdownMsg", "HelloMsg",
+    "WireLogprobs", "SeqOutput",
     "EngineOutputsMsg", "StatsMsg", "ErrorMsg", "ReadyMsg", "MESSAGE_TYPES", "encode_msg", "decode_msg",
     "params_to_wire", "params_from_wire",
 ]

@@ -1,4 +1,5 @@
-"""Typed ZeroMQ sockets: PUSH/PULL pairs that send and receive `*Msg` objects (wire.messages).
+"""Typed ZeroMQ sockets that send and receive `*Msg` objects (wire.messages): PUSH/PULL pairs
+(serve's frontend and engine), ROUTER/DEALER (a worker and its clients).
 
 Sends never block: high-water marks are off and a send that cannot be queued (no peer) raises
 PeerUnavailable, so an engine loop or an event loop never hangs on a dead peer. Addresses are
@@ -15,9 +16,11 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from tandem.shared.wire.codec import WireError
 from tandem.shared.wire.messages import decode_msg, encode_msg
 
 _LINGER_MS = 1000  # on close, queued messages (a ShutdownMsg) get this long to leave
+_MAX_MESSAGE_BYTES = 64 << 20  # a request or an output batch; KV blocks never travel here
 
 
 class PeerUnavailable(ConnectionError):
@@ -96,3 +99,80 @@ class AsyncMsgPull:
 
     def close(self) -> None:
         self.socket.close()
+
+
+class MsgRouter:
+    """A worker's request socket (ROUTER, bound): many clients (routers, test drivers) each own a
+    DEALER; every message comes with its sender's identity and replies go to that identity. A send
+    to a client that is gone raises PeerUnavailable (ROUTER_MANDATORY), so its requests can be
+    aborted."""
+
+    def __init__(self, ctx: zmq.Context, addr: str) -> None:
+        self.socket = ctx.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, _MAX_MESSAGE_BYTES)
+        self.address = _configure(self.socket, addr, bind=True)
+
+    def poll(self, timeout_ms: int) -> bool:
+        return bool(self.socket.poll(timeout_ms, zmq.POLLIN))
+
+    def recv(self) -> tuple[bytes, Any]:
+        """(identity, message); raises BadMessage (carrying the identity) for one that does not decode."""
+        identity, *frames = self.socket.recv_multipart(copy=True)
+        try:
+            return identity, decode_msg(frames)
+        except WireError as exc:
+            raise BadMessage(identity, exc) from None
+
+    def send(self, identity: bytes, msg: Any) -> None:
+        frames = encode_msg(msg)
+        try:
+            self.socket.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=len(frames) == 1)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN
+            raise PeerUnavailable(f"client {identity.hex()[:8]} is gone: {exc}") from None
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class BadMessage(Exception):
+    def __init__(self, identity: bytes, error: Exception) -> None:
+        super().__init__(str(error))
+        self.identity = identity
+        self.error = error
+
+
+class MsgDealer:
+    """A client's socket to one worker (DEALER, connected). Sync (a zmq.Context) or asyncio (a
+    zmq.asyncio.Context: then `recv` is awaited)."""
+
+    def __init__(self, ctx: zmq.Context, addr: str) -> None:
+        self.socket = ctx.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, _MAX_MESSAGE_BYTES)
+        self.address = _configure(self.socket, addr, bind=False)
+
+    def send(self, msg: Any) -> None:
+        frames = encode_msg(msg)
+        try:
+            result = self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=len(frames) == 1)
+        except zmq.Again:
+            raise PeerUnavailable(f"no worker on {self.address}") from None
+        if isinstance(result, asyncio.Future) and isinstance(result.exception(), zmq.Again):
+            raise PeerUnavailable(f"no worker on {self.address}")
+
+    def poll(self, timeout_ms: int) -> bool:
+        return bool(self.socket.poll(timeout_ms, zmq.POLLIN))
+
+    def recv(self):
+        """The next message (sync) or an awaitable of it (asyncio); WireError if it does not decode."""
+        frames = self.socket.recv_multipart(copy=True)
+        if isinstance(frames, asyncio.Future):
+            return _decode_when_done(frames)
+        return decode_msg(frames)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+async def _decode_when_done(frames) -> Any:
+    return decode_msg(await frames)

@@ -41,13 +41,13 @@ def test_handoff_record_round_trips_the_wire():
 def test_plan_pulls_only_what_the_local_cache_lacks():
     consumer = KVConnectorConsumer(COMPAT, BS, client=None)
     handoff = HandoffRecord("r", 7, "e", "addr", "l", [10, 11, 12], 10, COMPAT, 0.0)
-    assert consumer.plan_pull(handoff, []).remote_block_ids == [10, 11, 12]
-    plan = consumer.plan_pull(handoff, [4, 5])
+    assert consumer.plan_pull(handoff, 0).remote_block_ids == [10, 11, 12]
+    plan = consumer.plan_pull(handoff, 2)
     assert plan.num_local_blocks == 2 and plan.remote_block_ids == [12]  # the partial block is always pulled
     full = HandoffRecord("r", 7, "e", "addr", "l", [10, 11], 8, COMPAT, 0.0)
-    assert consumer.plan_pull(full, [4, 5, 6]).remote_block_ids == []
+    assert consumer.plan_pull(full, 3).remote_block_ids == []
     with pytest.raises(Exception, match="blocks for"):
-        consumer.plan_pull(HandoffRecord("r", 7, "e", "addr", "l", [10], 10, COMPAT, 0.0), [])
+        consumer.plan_pull(HandoffRecord("r", 7, "e", "addr", "l", [10], 10, COMPAT, 0.0), 0)
     with pytest.raises(ValueError):
         KVConnectorConsumer(COMPAT, BS, client=None, failure_policy="retry")
 
@@ -71,7 +71,7 @@ def test_export_pull_release(transport):
         decode_pool.cache_block(cached, hashes[0], prompt[:BS])
         hits = [decode_pool.lookup(hashes[0], prompt[:BS])]
         consumer = KVConnectorConsumer(COMPAT, BS, transport.client(), clock=clock)
-        plan = consumer.plan_pull(handoff, hits)
+        plan = consumer.plan_pull(handoff, len(hits))
         assert plan.remote_block_ids == handoff.block_ids[1:]
         local = decode_pool.allocate(len(plan.remote_block_ids))
         outcome = consumer.pull(handoff, plan, KVDest(decode_kv, local))
@@ -94,7 +94,7 @@ def test_expired_lease_frees_blocks_and_applies_the_policy(transport, policy):
         handoff = producer.export(request, first_token=1)
         consumer = KVConnectorConsumer(COMPAT, BS, transport.client(), failure_policy=policy, clock=clock)
         dest = KVDest(zeros_like_kv(kv, 4), [0, 1, 2])
-        plan = consumer.plan_pull(handoff, [])
+        plan = consumer.plan_pull(handoff, 0)
 
         clock.now += 6 + producer.leases.free_grace_s
         pool.free(producer.expire_due())
@@ -114,11 +114,11 @@ def test_compat_mismatch_and_dead_peer_fall_back(transport):
     handoff = producer.export(request, first_token=1)
     dest = KVDest(zeros_like_kv(kv, 4), [0, 1, 2])
     other = KVConnectorConsumer(compat_hash("x", "float32", 4, 3, 2, 8), BS, transport.client(), clock=clock)
-    outcome = other.pull(handoff, other.plan_pull(handoff, []), dest)
+    outcome = other.pull(handoff, other.plan_pull(handoff, 0), dest)
     assert outcome.action == "recompute" and outcome.error.code == "compat_mismatch"
 
     server.close()  # the prefill worker died
     consumer = KVConnectorConsumer(COMPAT, BS, transport.client(timeout_s=1.0), clock=clock)
-    outcome = consumer.pull(handoff, consumer.plan_pull(handoff, []), dest)
+    outcome = consumer.pull(handoff, consumer.plan_pull(handoff, 0), dest)
     assert outcome.action == "recompute" and outcome.error.code in ("peer_gone", "timeout")
     pool.free(producer.release(handoff.lease_id))

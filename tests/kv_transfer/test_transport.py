@@ -243,6 +243,36 @@ def test_lease_expiry(transport):
     assert_untouched(dst)
 
 
+def test_lease_renew_and_release_messages(transport):
+    """The puller renews a lease (the server's TTL from now) and releases it after its pull; the
+    serving side frees released blocks on its own thread (take_released)."""
+    src = random_kv(4)
+    dst = zeros_like_kv(src, 4)
+    clock = FakeClock()
+    leases = LeaseTable()
+    lease = leases.grant([0, 1], ttl=5, now=clock())
+    with transport.server(src, leases, clock=clock) as server:
+        client = transport.client()
+        clock.now += 4
+        assert client.renew(server.address, lease.lease_id) == clock() + 30  # the server's lease_ttl_s
+        clock.now += 20  # past the first expiry: the renewed lease still serves
+        client.pull(server.address, lease.lease_id, [0, 1], KVDest(dst, [2, 3]))
+        assert_pulled(src, dst, [0, 1], [2, 3])
+        assert leases.take_released() == []
+        client.release(server.address, lease.lease_id)
+        assert leases.take_released() == [0, 1] and len(leases) == 0
+        client.release(server.address, lease.lease_id)  # twice: nothing left to free, not an error
+        assert leases.take_released() == []
+        with pytest.raises(KVTransferError) as err:
+            client.renew(server.address, lease.lease_id)
+        assert err.value.code == "unknown_lease"
+        other = transport.client(compat=compat_hash("other", "float32", 4, 3, 2, 8))
+        lease2 = leases.grant([3], ttl=5, now=clock())
+        with pytest.raises(KVTransferError) as err:
+            other.release(server.address, lease2.lease_id)
+        assert err.value.code == "compat_mismatch" and len(leases) == 1
+
+
 def test_server_gone(transport):
     src = random_kv(4)
     dst = zeros_like_kv(src, 4)

@@ -94,14 +94,14 @@ BAD = {
     "field count": (_header(PROTOCOL_VERSION, 2, [["x"], "extra"]), "expected 1 fields of AbortMsg"),
     "wrong type": (_header(PROTOCOL_VERSION, 2, [[1, 2]]), "AbortMsg.request_ids[0]: expected str, got int"),
     "bool for int": (_header(PROTOCOL_VERSION, 3, [True]), "expected int, got bool"),
-    "float token id": (_header(PROTOCOL_VERSION, 1, ["r", [1, 2.5], {}, None]), "prompt_token_ids[1]"),
+    "float token id": (_header(PROTOCOL_VERSION, 1, ["r", [1, 2.5], {}, None, False, None]), "prompt_token_ids[1]"),
     "none for list": (_header(PROTOCOL_VERSION, 2, [None]), "expected a list"),
     "nested": (
-        _header(PROTOCOL_VERSION, 16, [[["r", [1], [[1, "x", 1, [], []]], None, None, None, 0]]]),
+        _header(PROTOCOL_VERSION, 16, [[["r", [1], [[1, "x", 1, [], []]], None, None, None, 0, None]]]),
         "EngineOutputsMsg.outputs[0].new_logprobs[0].logprob: expected a number",
     ),
     "bad union": (
-        _header(PROTOCOL_VERSION, 16, [[["r", [1], [], None, None, 1.5, 0]]]),
+        _header(PROTOCOL_VERSION, 16, [[["r", [1], [], None, None, 1.5, 0, None]]]),
         "stop_reason: float is not",
     ),
     "frame ref in plain field": (

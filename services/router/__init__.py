@@ -1,0 +1,1 @@
+"""The router: the OpenAI frontend over a cluster of workers."""

@@ -1,0 +1,1 @@
+"""Prefill, decode and mixed workers: an engine in a role behind ZeroMQ, with KV transfer."""
