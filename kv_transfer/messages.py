@@ -9,10 +9,11 @@ A pull is one request and one reply:
 After a pull (or instead of one), the puller ends or extends the lease:
     decode -> prefill   KVLeaseMsg(action "release" | "renew")
     prefill -> decode   KVLeaseAckMsg (the new expiry; 0 once released) or KVErrorMsg
-A run is a maximal stretch of the requested block ids that are consecutive in the server's cache
-(b, b+1, ...); `runs` lists them as [first index into block_ids, length], in order, covering every
-requested block once. A run's frame is `cache[layer][b:b+length]` of K (or V), exactly
-`length * block_bytes` bytes, block_bytes = block_size * num_kv_heads * head_dim * itemsize.
+A run is a stretch of the requested block ids, in request order; `runs` lists them as [first index
+into block_ids, length], covering every requested block once. A run's frame holds those blocks of
+one layer's K (or V) in that order, exactly `length * block_bytes` bytes, block_bytes = block_size *
+num_kv_heads * head_dim * itemsize. The server sends a run that is consecutive in its cache as a
+zero-copy view, and gathers short scattered stretches into one copied frame (transport.reply_runs).
 """
 
 from __future__ import annotations

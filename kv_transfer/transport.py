@@ -2,7 +2,7 @@
 
 `KVBlockSource` (serving side) turns a KVPullMsg into a reply: it checks the compat hash, the
 lease and every peer-supplied block id and layer, then yields zero-copy views of the leased
-blocks, one frame per layer, K or V and run of source-consecutive block ids. `KVBlockSink`
+blocks, one frame per layer, K or V and run of block ids (see reply_runs). `KVBlockSink`
 (pulling side) checks a reply's header (runs included) and every frame's size against what it
 asked for, and only then writes the bytes into its own KV caches at its own block ids.
 A transport (ZeroMQ, UCX) only moves one request frame one way and the reply frames back.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -101,6 +101,13 @@ def check_block_ids(block_ids: object, num_blocks: int, what: str) -> list[int]:
     return block_ids
 
 
+# A stretch of blocks consecutive in the serving cache at least this long travels as one zero-copy
+# view; shorter stretches (scattered blocks) are gathered into copied frames of up to
+# GATHER_BLOCKS blocks: thousands of tiny frames cost far more than one copy on the server.
+VIEW_MIN_BLOCKS = 8
+GATHER_BLOCKS = 64
+
+
 def block_runs(block_ids: Sequence[int]) -> list[list[int]]:
     """Maximal runs of ids consecutive in the cache (b, b+1, ...): [first index, length] each, in order."""
     runs: list[list[int]] = []
@@ -112,8 +119,25 @@ def block_runs(block_ids: Sequence[int]) -> list[list[int]]:
     return runs
 
 
+def reply_runs(block_ids: Sequence[int]) -> list[list[int]]:
+    """How a reply splits the requested ids into frames: [first index, length] each, in order.
+    Long source-consecutive runs stay whole (views); short ones are merged up to GATHER_BLOCKS."""
+    runs: list[list[int]] = []
+    merging = False  # whether runs[-1] is a gathered frame that may take more short runs
+    for first, length in block_runs(block_ids):
+        if length >= VIEW_MIN_BLOCKS:
+            runs.append([first, length])
+            merging = False
+        elif merging and runs[-1][1] + length <= GATHER_BLOCKS:
+            runs[-1][1] += length
+        else:
+            runs.append([first, length])
+            merging = True
+    return runs
+
+
 def _check_runs(runs: object, block_ids: list[int]) -> list[list[int]]:
-    """A reply's runs must split the requested ids, in order, into stretches consecutive at the source."""
+    """A reply's runs must split the requested ids, in order, into non-empty stretches."""
     if not isinstance(runs, list):
         raise KVTransferError("bad_message", "reply runs: expected a list")
     next_index = 0
@@ -121,10 +145,7 @@ def _check_runs(runs: object, block_ids: list[int]) -> list[list[int]]:
         if (not isinstance(run, list) or len(run) != 2 or not all(type(x) is int for x in run)
                 or run[0] != next_index or run[1] < 1 or run[0] + run[1] > len(block_ids)):
             raise KVTransferError("bad_message", f"reply run {run!r} does not follow index {next_index}")
-        first, length = run
-        if any(block_ids[i + 1] != block_ids[i] + 1 for i in range(first, first + length - 1)):
-            raise KVTransferError("bad_message", f"reply run {run!r} is not consecutive at the source")
-        next_index += length
+        next_index += run[1]
     if next_index != len(block_ids):
         raise KVTransferError("bad_message", f"reply runs cover {next_index} of {len(block_ids)} blocks")
     return runs
@@ -170,21 +191,30 @@ class KVBlockSource:
         self._rows = [(_block_rows(k), _block_rows(v)) for k, v in kv_caches]
 
     def serve(self, request: bytes | memoryview) -> list[bytes | memoryview]:
-        """The reply frames to one request frame; every refusal becomes a KVErrorMsg."""
-        try:
-            return self._serve(request)
-        except KVTransferError as exc:
-            return [encode_kv_msg(KVErrorMsg(exc.code, exc.reason))]
-        except Exception as exc:  # never let one request kill the server thread
-            return [encode_kv_msg(KVErrorMsg("internal_error", f"{type(exc).__name__}: {exc}"))]
+        """The reply frames to one request frame, flat; every refusal becomes a KVErrorMsg."""
+        return [frame for message in self.serve_messages(request) for frame in message]
 
-    def _serve(self, request: bytes | memoryview) -> list[bytes | memoryview]:
+    def serve_messages(self, request: bytes | memoryview) -> Iterator[list[bytes | memoryview]]:
+        """The reply as messages: [header], then one list of 2*R frames per layer (built lazily, so a
+        transport can send layer i while the frames of layer i+1 are gathered)."""
+        try:
+            header, layers = self._serve(request)
+        except KVTransferError as exc:
+            yield [encode_kv_msg(KVErrorMsg(exc.code, exc.reason))]
+            return
+        except Exception as exc:  # never let one request kill the server thread
+            yield [encode_kv_msg(KVErrorMsg("internal_error", f"{type(exc).__name__}: {exc}"))]
+            return
+        yield [header]
+        yield from layers
+
+    def _serve(self, request: bytes | memoryview) -> tuple[bytes, Iterator[list[memoryview]]]:
         try:
             msg = decode_kv_msg(request)
         except WireError as exc:
             raise KVTransferError("bad_message", str(exc)) from None
         if isinstance(msg, KVLeaseMsg):
-            return [encode_kv_msg(self._lease_action(msg))]
+            return encode_kv_msg(self._lease_action(msg)), iter(())
         if not isinstance(msg, KVPullMsg):
             raise KVTransferError("bad_message", f"expected KVPullMsg or KVLeaseMsg, got {type(msg).__name__}")
         if msg.compat_hash != self.compat_hash:
@@ -203,23 +233,29 @@ class KVBlockSource:
         foreign = sorted(set(block_ids) - set(lease.block_ids))
         if foreign:
             raise KVTransferError("bad_block", f"blocks {foreign[:4]} are not under lease {msg.lease_id[:8]}...")
-        runs = block_runs(block_ids)
+        runs = reply_runs(block_ids)
         header = KVBlocksMsg(self.compat_hash, msg.lease_id, block_ids, layers, spec.block_bytes, runs)
-        frames: list[bytes | memoryview] = [encode_kv_msg(header)]
+        # Per run: a slice of the cache if its blocks are consecutive there (zero copy), else the
+        # ids to gather (one copy, on this thread).
+        sources: list[slice | np.ndarray] = []
+        for first, length in runs:
+            ids = block_ids[first:first + length]
+            if all(ids[i + 1] == ids[i] + 1 for i in range(length - 1)):
+                sources.append(slice(ids[0], ids[0] + length))
+            else:
+                sources.append(np.array(ids))
+        return encode_kv_msg(header), self._layer_frames(layers, sources)
+
+    def _layer_frames(self, layers: list[int], sources: list[slice | np.ndarray]) -> Iterator[list[memoryview]]:
         for layer in layers:
             key, value = self._rows[layer]
-            for first, length in runs:
-                # Zero copy: one contiguous slice of consecutive blocks of the cache itself. The
-                # lease keeps these blocks from being reused while the transport still reads them.
-                start = block_ids[first]
-                if length == 1:
-                    frames.append(memoryview(key[start]))
-                    frames.append(memoryview(value[start]))
-                else:
-                    frames.append(memoryview(key[start:start + length].reshape(-1)))
-                    frames.append(memoryview(value[start:start + length].reshape(-1)))
-        return frames
-
+            frames = []
+            for src in sources:
+                # A view stays valid while the transport reads it: the lease keeps its blocks from
+                # being reused (and a revoked or expired lease frees them only after the grace).
+                frames.append(memoryview(key[src].reshape(-1)))
+                frames.append(memoryview(value[src].reshape(-1)))
+            yield frames
 
     def _lease_action(self, msg: KVLeaseMsg) -> KVLeaseAckMsg:
         if msg.compat_hash != self.compat_hash:
@@ -312,6 +348,18 @@ class KVBlockSink:
                         inplace = rows[start:start + len(ids)].reshape(-1)
                     targets.append(FrameTarget(nbytes, rows, ids, inplace))
         return targets
+
+    def write_layer(self, msg: KVBlocksMsg, targets: Sequence[FrameTarget], frames: Sequence[bytes | memoryview],
+                    ) -> None:
+        """One layer's frames (2*R, with their targets from frame_targets): sizes checked, then copied."""
+        if len(frames) != len(targets):
+            raise KVTransferError("bad_message", f"{len(frames)} KV frames for a layer, expected {len(targets)}")
+        for i, (target, frame) in enumerate(zip(targets, frames)):
+            size = memoryview(frame).nbytes
+            if size != target.nbytes:
+                raise KVTransferError("bad_message", f"KV frame {i} of {size} bytes, expected {target.nbytes}")
+        for target, frame in zip(targets, frames):
+            target.scatter(np.frombuffer(frame, dtype=np.uint8))
 
     def write(self, msg: KVBlocksMsg, frames: Sequence[bytes | memoryview], dest: KVDest) -> int:
         """Check the runs and every frame's size, then copy the frames into the destination; bytes written."""

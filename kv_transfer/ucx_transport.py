@@ -7,7 +7,7 @@ call on its own event-loop thread; servers and clients submit coroutines to it.
 On one endpoint, a pull is length-prefixed messages:
     client -> server   u64 size, KVPullMsg
     server -> client   u64 size, KVBlocksMsg | KVErrorMsg, then 2*R*L frames (for each layer, for
-                       each run of source-consecutive blocks: K, V), each length * block_bytes
+                       each run of blocks: K, V), each length * block_bytes
 The client checks the header before it posts a single receive, then receives each frame
 straight into its own KV cache when the run's destination blocks are consecutive too, else into
 a buffer it copies from per block.
@@ -117,10 +117,11 @@ class UcxKVBlockServer(KVBlockServer):
                     request = await _recv_msg(ep)
                 except KVTransferError:
                     return  # a peer that sends garbage is dropped
-                header, *frames = self.source.serve(request)
+                messages = self.source.serve_messages(request)
+                (header,) = next(messages)
                 await _send_msg(ep, header)
-                for frame in frames:  # zero-copy views of the leased blocks
-                    await ep.send(np.asarray(frame))
+                for frames in messages:  # per layer: views of the leased blocks, or gathered copies
+                    await asyncio.gather(*(ep.send(np.asarray(frame)) for frame in frames))
         except Exception:  # the peer closed or died: nothing to answer
             return
         finally:
@@ -196,14 +197,17 @@ class UcxKVBlockClient(KVBlockClient):
     async def _exchange(self, ep, request, lease_id, block_ids, dest, layers) -> tuple[int, int]:
         await _send_msg(ep, request)
         msg = self.sink.check_reply(await _recv_msg(ep), lease_id, block_ids, dest, layers)
-        # The header fixed every frame's size before any receive.
-        for target in self.sink.frame_targets(msg, dest):
-            if target.inplace is not None:
-                await ep.recv(target.inplace)  # straight into the destination blocks
-            else:
-                buf = np.empty(target.nbytes, dtype=np.uint8)
-                await ep.recv(buf)
-                target.scatter(buf)
+        # The header fixed every frame's size before any receive. One layer's receives are posted
+        # at once (UCX matches them in order): one await per frame would leave the wire idle.
+        targets = self.sink.frame_targets(msg, dest)
+        per_layer = 2 * len(msg.runs)
+        for first in range(0, len(targets), per_layer):
+            layer = targets[first:first + per_layer]
+            bufs = [t.inplace if t.inplace is not None else np.empty(t.nbytes, dtype=np.uint8) for t in layer]
+            await asyncio.gather(*(ep.recv(buf) for buf in bufs))  # straight into the cache where it can
+            for target, buf in zip(layer, bufs):
+                if target.inplace is None:
+                    target.scatter(buf)
         return 2 * len(msg.block_ids) * len(msg.layers) * msg.block_bytes, len(msg.layers)
 
 

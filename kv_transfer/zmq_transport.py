@@ -1,15 +1,16 @@
 """The ZeroMQ transport: a ROUTER socket served by a background thread, a fresh DEALER per pull.
 
 tcp (`tcp://127.0.0.1:0` picks a free port) or ipc (`ipc:///path`). Reply frames are zero-copy
-views of the KV caches (`copy=False`), one per layer, K or V and run of consecutive blocks; the
+views of the KV caches (`copy=False`; scattered blocks gathered), one per layer, K or V and run; the
 receiver copies each frame once, into its own cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import zmq
 
@@ -63,11 +64,11 @@ class ZmqKVBlockServer(KVBlockServer):
                 if not sock.poll(_POLL_MS, zmq.POLLIN):
                     continue
                 identity, *frames = sock.recv_multipart(copy=False)
-                if len(frames) != 1:
-                    reply = self.source.serve(b"")  # answered as a bad message
-                else:
-                    reply = self.source.serve(frames[0].buffer)
-                sock.send_multipart([identity, *reply], copy=False)
+                request = frames[0].buffer if len(frames) == 1 else b""  # b"": answered as a bad message
+                # The header, then one message per layer: the puller copies layer i into its cache
+                # while layer i+1 is on the wire.
+                for message in self.source.serve_messages(request):
+                    sock.send_multipart([identity, *message], copy=False)
         finally:
             sock.close(linger=0)
 
@@ -98,9 +99,19 @@ class ZmqKVBlockClient(KVBlockClient):
         # No reply frame may be larger than the whole pull's run (or a header): a peer cannot make
         # us allocate more.
         run_cap = len(block_ids) * KVSpec.of(dest.kv_caches).block_bytes
-        header, *frames = self._exchange(addr, request, max(run_cap, _MAX_REQUEST_BYTES))
-        msg = self.sink.check_reply(header.buffer, lease_id, block_ids, dest, layers)
-        num_bytes = self.sink.write(msg, [f.buffer for f in frames], dest)
+        deadline = time.monotonic() + self.timeout_s
+        with self._connect(addr, max(run_cap, _MAX_REQUEST_BYTES)) as sock:
+            sock.send(request)
+            header, *rest = self._recv(sock, addr, deadline)
+            msg = self.sink.check_reply(header.buffer, lease_id, block_ids, dest, layers)
+            if rest:
+                raise KVTransferError("bad_message", "the reply header came with extra frames")
+            targets = self.sink.frame_targets(msg, dest)
+            per_layer = 2 * len(msg.runs)
+            for i in range(len(msg.layers)):
+                frames = self._recv(sock, addr, deadline)
+                self.sink.write_layer(msg, targets[i * per_layer:(i + 1) * per_layer], [f.buffer for f in frames])
+        num_bytes = len(block_ids) * len(msg.layers) * 2 * msg.block_bytes
         return PullStats(len(block_ids), len(msg.layers), num_bytes, time.perf_counter() - t0)
 
     def _request_reply(self, addr: str, request: bytes) -> bytes:
@@ -110,6 +121,12 @@ class ZmqKVBlockClient(KVBlockClient):
         return header.bytes
 
     def _exchange(self, addr: str, request: bytes, max_frame_bytes: int) -> list[zmq.Frame]:
+        with self._connect(addr, max_frame_bytes) as sock:
+            sock.send(request)
+            return self._recv(sock, addr, time.monotonic() + self.timeout_s)
+
+    @contextlib.contextmanager
+    def _connect(self, addr: str, max_frame_bytes: int) -> Iterator[zmq.Socket]:
         # A fresh socket per exchange: a late reply to an earlier, timed-out one can never be taken
         # for this one's.
         sock = self._ctx.socket(zmq.DEALER)
@@ -120,9 +137,12 @@ class ZmqKVBlockClient(KVBlockClient):
             sock.connect(addr)
             if not sock.poll(int(self.connect_timeout_s * 1000), zmq.POLLOUT):
                 raise KVTransferError("peer_gone", f"no KV server reachable at {addr}")
-            sock.send(request)
-            if not sock.poll(int(self.timeout_s * 1000), zmq.POLLIN):
-                raise KVTransferError("timeout", f"no reply from {addr} in {self.timeout_s}s")
-            return sock.recv_multipart(copy=False)
+            yield sock
         finally:
             sock.close(linger=0)
+
+    def _recv(self, sock: zmq.Socket, addr: str, deadline: float) -> list[zmq.Frame]:
+        left_ms = int(max(deadline - time.monotonic(), 0) * 1000)
+        if not sock.poll(left_ms, zmq.POLLIN):
+            raise KVTransferError("timeout", f"no complete reply from {addr} in {self.timeout_s}s")
+        return sock.recv_multipart(copy=False)

@@ -15,7 +15,7 @@ from tandem.kv_transfer.compat import compat_hash
 from tandem.kv_transfer.errors import KVTransferError
 from tandem.kv_transfer.leases import LeaseTable
 from tandem.kv_transfer.messages import KVBlocksMsg, KVErrorMsg, KVPullMsg, decode_kv_msg, encode_kv_msg
-from tandem.kv_transfer.transport import KVBlockSink, KVBlockSource, KVDest, block_runs
+from tandem.kv_transfer.transport import GATHER_BLOCKS, KVBlockSink, KVBlockSource, KVDest, block_runs, reply_runs
 from tests.kv_transfer.conftest import COMPAT, FakeClock, random_kv, zeros_like_kv
 
 
@@ -155,7 +155,7 @@ def test_sink_refuses_a_run_frame_of_the_wrong_size_before_writing(bad):
 
 @pytest.mark.parametrize("runs", [[[0, 2]], [[0, 1], [1, 1]], [[0, 3], [3, 1], [4, 1]], [[1, 3], [0, 1]],
                                   [[0, 4]], [[0, 0], [0, 3], [3, 1]], [[0, 3], [3]], "x"],
-                         ids=["short", "split-consecutive-ok", "past-end", "out-of-order", "not-consecutive",
+                         ids=["short", "split-consecutive-ok", "past-end", "out-of-order", "gathered-ok",
                               "empty-run", "malformed", "not-a-list"])
 def test_sink_checks_reply_runs(runs):
     sink = KVBlockSink(COMPAT)
@@ -163,6 +163,9 @@ def test_sink_checks_reply_runs(runs):
     block_bytes = 4 * 2 * 8 * 4
     header = encode_kv_msg(KVBlocksMsg(COMPAT, "lease", [2, 3, 4, 7], [0, 1, 2], block_bytes, runs))
     dest = KVDest(dst, [0, 1, 2, 3])
+    if runs == [[0, 4]]:  # a run need not be consecutive at the source (the server gathers it)
+        assert sink.check_reply(header, "lease", [2, 3, 4, 7], dest, None).runs == runs
+        return
     if runs == [[0, 1], [1, 1]]:  # covers 2 of 4: refused; a non-maximal split that covers all is fine
         with pytest.raises(KVTransferError):
             sink.check_reply(header, "lease", [2, 3, 4, 7], dest, None)
@@ -181,21 +184,29 @@ def test_block_runs_and_reply_frames():
     assert block_runs(list(range(8))) == [[0, 8]]
     assert block_runs([0, 1, 2, 5, 6, 3, 7]) == [[0, 3], [3, 2], [5, 1], [6, 1]]
     assert block_runs([3, 2, 1]) == [[0, 1], [1, 1], [2, 1]]  # descending ids are not a run
-    src = random_kv(8)
+    # Long source runs stay whole; short stretches are merged (gathered) up to GATHER_BLOCKS.
+    assert reply_runs(list(range(10)) + [20, 12, 13] + list(range(30, 38)) + [5]) == [[0, 10], [10, 3], [13, 8],
+                                                                                      [21, 1]]
+    scattered = list(range(0, 2 * (GATHER_BLOCKS + 6), 2))
+    assert reply_runs(scattered) == [[0, GATHER_BLOCKS], [GATHER_BLOCKS, 6]]
+
+    src = random_kv(40)
     leases = LeaseTable()
-    lease = leases.grant(list(range(8)), ttl=30, now=time.time())
+    lease = leases.grant(list(range(40)), ttl=30, now=time.time())
     source = KVBlockSource(src, leases, COMPAT)
-    frames = source.serve(encode_kv_msg(KVPullMsg(COMPAT, lease.lease_id, [0, 1, 2, 5, 6, 3], [2, 0])))
+    ids = list(range(10)) + [20, 12, 13]
+    frames = source.serve(encode_kv_msg(KVPullMsg(COMPAT, lease.lease_id, ids, [2, 0])))
     header = decode_kv_msg(frames[0])
-    assert header.runs == [[0, 3], [3, 2], [5, 1]] and header.layers == [2, 0]
-    assert len(frames) == 1 + 2 * 3 * 2  # for each layer, for each run: K, V
+    assert header.runs == [[0, 10], [10, 3]] and header.layers == [2, 0]
+    assert len(frames) == 1 + 2 * 2 * 2  # for each layer, for each run: K, V
     block_bytes = header.block_bytes
-    assert [memoryview(f).nbytes // block_bytes for f in frames[1:7]] == [3, 3, 2, 2, 1, 1]
-    assert bytes(frames[1]) == src[2][0][0:3].numpy().tobytes()  # layer 2's K of blocks 0..2
-    assert bytes(frames[4]) == src[2][1][5:7].numpy().tobytes()  # layer 2's V of blocks 5, 6
-    assert bytes(frames[12]) == src[0][1][3].numpy().tobytes()  # layer 0's V of block 3
-    # zero copy: the frames are views of the cache
+    assert [memoryview(f).nbytes // block_bytes for f in frames[1:5]] == [10, 10, 3, 3]
+    assert bytes(frames[1]) == src[2][0][0:10].numpy().tobytes()  # layer 2's K of blocks 0..9
+    assert bytes(frames[4]) == src[2][1][[20, 12, 13]].numpy().tobytes()  # layer 2's V, gathered
+    assert bytes(frames[7]) == src[0][0][[20, 12, 13]].numpy().tobytes()  # layer 0's K, gathered
+    # zero copy for the consecutive run, a copy for the gathered one
     assert np.shares_memory(np.frombuffer(frames[1], dtype=np.uint8), src[2][0].numpy())
+    assert not np.shares_memory(np.frombuffer(frames[3], dtype=np.uint8), src[2][0].numpy())
 
 
 @pytest.mark.parametrize("src_ids,dst_ids", [
