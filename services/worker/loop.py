@@ -14,9 +14,12 @@ import logging
 import os
 import time
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 from tandem.services.worker.kv_engine import KVEngine, StepResult
 from tandem.services.worker.status_http import StatusBoard
+from tandem.shared.cluster import WorkerLoad
+from tandem.shared.engine.engine_core import EngineStats
 from tandem.shared.sampling_params import InvalidParameterError
 from tandem.shared.wire.messages import (
     AbortMsg,
@@ -32,6 +35,9 @@ from tandem.shared.wire.messages import (
 )
 from tandem.shared.wire.sockets import BadMessage, MsgRouter, PeerUnavailable
 
+if TYPE_CHECKING:  # redis (the router extra) is imported only by workers given a Redis URL
+    from tandem.services.worker.redis_agent import RedisAgent
+
 logger = logging.getLogger("tandem.worker")
 
 _IDLE_POLL_MS = 100  # nothing to do: wake up this often (lease expiry, shutdown)
@@ -40,7 +46,8 @@ _PUBLISH_S = 0.25  # how often /metrics' snapshot is refreshed
 
 
 class WorkerLoop:
-    def __init__(self, kv: KVEngine, sock: MsgRouter, board: StatusBoard, role: str, worker_id: str) -> None:
+    def __init__(self, kv: KVEngine, sock: MsgRouter, board: StatusBoard, role: str, worker_id: str,
+                 agent: RedisAgent | None = None) -> None:
         self.kv = kv
         self.engine = kv.engine
         self.sock = sock
@@ -50,6 +57,8 @@ class WorkerLoop:
         self.shutdown = False
         self._owner: dict[str, bytes] = {}  # sequence id -> the client identity that asked for it
         self._last_publish = 0.0
+        self.agent = agent  # Redis registration: fed KV events and load from this thread
+        self._last_load = 0.0
 
     def ready_msg(self) -> ReadyMsg:
         mc, kvm = self.engine.model_config, self.engine.kv
@@ -80,6 +89,7 @@ class WorkerLoop:
                 return 1
             self._dispatch(result)
             self._publish()
+            self._feed_agent()
         return 0
 
     def stop(self) -> None:
@@ -147,6 +157,22 @@ class WorkerLoop:
                 for seq_id in gone:
                     del self._owner[seq_id]
 
+    def _feed_agent(self) -> None:
+        """KV events since the last iteration (or the whole cache, when asked) and, at most once per
+        heartbeat, the load: cheap list handoffs, the agent's thread talks to Redis."""
+        agent, pool = self.agent, self.engine.kv.pool
+        if agent is None:
+            return
+        if pool.events:
+            events, pool.events = pool.events, []
+            agent.push_events(events)
+        if agent.wants_snapshot:
+            agent.offer_snapshot(pool.cached_hashes())
+        now = time.monotonic()
+        if now - self._last_load >= agent.heartbeat_s:
+            self._last_load = now
+            agent.set_load(_load_of(self.engine.stats()))
+
     def _publish(self, force: bool = False) -> None:
         now = time.monotonic()
         self.board.status.last_beat = now
@@ -159,3 +185,13 @@ class WorkerLoop:
             self.board.status, ready=True, last_beat=now,
             kv_stats=dataclasses.replace(s, transfer_seconds_buckets=list(s.transfer_seconds_buckets)),
         )
+
+
+def _load_of(stats: EngineStats) -> WorkerLoad:
+    """What routers read in tandem:load:{id} (prefix-cache counts are tokens)."""
+    return WorkerLoad(
+        running=stats.num_running, waiting=stats.num_waiting, used_blocks=stats.num_used_blocks,
+        total_blocks=stats.num_total_blocks, prefix_cache_queries=stats.prefix_cache_queries,
+        prefix_cache_hits=stats.prefix_cache_hits, prompt_tokens=stats.prompt_tokens,
+        generation_tokens=stats.generation_tokens, updated=time.time(),
+    )

@@ -13,6 +13,8 @@ import logging
 import os
 import signal
 import sys
+import time
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -20,8 +22,12 @@ from tandem.services.worker.config import WorkerConfig
 from tandem.services.worker.kv_engine import KVEngine
 from tandem.services.worker.loop import WorkerLoop
 from tandem.services.worker.status_http import StatusBoard, start_status_server
+from tandem.shared.cluster import WorkerRecord
 from tandem.shared.engine.engine_core import EngineCore
 from tandem.shared.wire.sockets import MsgRouter
+
+if TYPE_CHECKING:  # redis (the router extra) is imported only when a Redis URL is given
+    from tandem.services.worker.redis_agent import RedisAgent
 
 logger = logging.getLogger("tandem.worker")
 
@@ -40,20 +46,23 @@ def run(config: WorkerConfig) -> int:
     board.status.info = {"worker_id": config.worker_id, "role": config.role, "pid": os.getpid(),
                          "http_port": http_port, "zmq_addr": f"tcp://{config.advertise_host}:{zmq_port}"}
     kv = None
+    agent = None
     try:
         try:
             engine = EngineCore(config.engine)
             kv = KVEngine(engine, config.kv, engine_id=config.worker_id)
+            info = {**board.status.info, "kv_addr": kv.kv_addr, "model": str(engine.source.path),
+                    "block_size": engine.kv.block_size, "num_kv_blocks": engine.kv.pool.num_blocks,
+                    "compat_hash": kv.compat_hash, "kv_transport": config.kv.transport}
+            if config.redis_url:
+                agent = _start_redis_agent(config, engine, info, board)
         except Exception as exc:
             logger.exception("the worker failed to start")
             board.status.dead_reason = f"failed to start: {type(exc).__name__}: {exc}"
             print(f"tandem: error: the worker failed to start: {exc}", file=sys.stderr)
             return 1
-        loop = WorkerLoop(kv, sock, board, config.role, config.worker_id)
-        info = {**board.status.info, "kv_addr": kv.kv_addr, "model": str(engine.source.path),
-                "block_size": engine.kv.block_size, "num_kv_blocks": engine.kv.pool.num_blocks,
-                "compat_hash": kv.compat_hash, "kv_transport": config.kv.transport}
         board.status.info = info
+        loop = WorkerLoop(kv, sock, board, config.role, config.worker_id, agent)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: loop.stop())
         print(READY_PREFIX + json.dumps(info), flush=True)
@@ -63,8 +72,31 @@ def run(config: WorkerConfig) -> int:
         logger.info("stopped")
         return code
     finally:
+        if agent is not None:
+            agent.stop()
         if kv is not None:
             kv.close()
         sock.close()
         ctx.term()
         http.shutdown()
+
+
+def _start_redis_agent(config: WorkerConfig, engine: EngineCore, info: dict, board: StatusBoard) -> RedisAgent:
+    """Register in Redis (on the agent's thread: a Redis that is down only delays it); the pool
+    records KV events from now on, and the first heartbeat carries the (empty) cache as a reset."""
+    from tandem.services.worker.redis_agent import RedisAgent, RedisAgentCollector
+
+    mc = engine.model_config
+    record = WorkerRecord(
+        worker_id=config.worker_id, role=config.role, model=str(engine.source.path), zmq_addr=info["zmq_addr"],
+        kv_addr=info["kv_addr"], http_addr=f"http://{config.advertise_host}:{info['http_port']}",
+        block_size=engine.kv.block_size, compat_hash=info["compat_hash"], max_model_len=mc.max_model_len,
+        epoch=time.time_ns(),
+    )
+    agent = RedisAgent(config.redis_url, record)
+    pool = engine.kv.pool
+    pool.events = []
+    agent.offer_snapshot(pool.cached_hashes())
+    board.registry.register(RedisAgentCollector(board.engine_collector.model_name, agent))
+    agent.start()
+    return agent

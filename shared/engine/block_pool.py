@@ -106,10 +106,16 @@ class BlockPool:
         """How many of these blocks sit on the free list (touching them takes them off it)."""
         return sum(1 for b in block_ids if self.blocks[b].ref_count == 0)
 
+    def cached_hashes(self) -> list[BlockHash]:
+        """Every hash in the prefix cache now (a snapshot for the router's index)."""
+        return list(self._cached)
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; refused (False) while any block is in use."""
         if self.num_used_blocks:
             return False
+        if self._cached and self.events is not None:
+            self.events.append(("removed", list(self._cached)))
         for block in self.blocks:
             if block.block_hash is not None:
                 self._evict(block)
