@@ -148,7 +148,9 @@ class RedisAgent:
         load = self._load
         try:
             new_fields, num_entries = self._write(snapshot, events, load)
-        except (redis.RedisError, OSError) as exc:
+        except Exception as exc:  # Redis down or slow (RedisError, OSError); anything else is a bug: logged
+            if not isinstance(exc, (redis.RedisError, OSError)):
+                logger.exception("heartbeat failed")
             self.errors += 1
             with self._lock:
                 self._snapshot, self._pending, self._pending_hashes = None, [], 0
