@@ -74,6 +74,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run(worker_config_from_args(args, dict(os.environ), role, engine_kwargs(args)))
 
 
+def cmd_router(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from tandem.services.router.main import config_from_args, run
+    except ImportError as exc:  # redis, fastapi, uvicorn, pyzmq: the `serve` and `router` extras
+        print(f"tandem: error: the router needs its dependencies ({exc}): pip install 'tandem[serve,router]'",
+              file=sys.stderr)
+        return 2
+    return run(config_from_args(args, dict(os.environ)))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from tandem.up import run
+
+    return run(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """`tandem bench serve ...` / `tandem bench report ...`: the rest of argv goes to loadtests/."""
     try:
@@ -130,6 +148,29 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             w.set_defaults(role=None)
         w.set_defaults(func=cmd_worker)
+
+    router = sub.add_parser("router", help="the OpenAI API over the workers registered in Redis")
+    router.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                        help="the workers' model (for the tokenizer and chat template)")
+    router.add_argument("--model", default=None)
+    router.add_argument("--host", default="127.0.0.1")
+    router.add_argument("--port", type=int, default=8000)
+    router.add_argument("--redis-url", default=None, help="default: $TANDEM_REDIS_URL or redis://127.0.0.1:6379/0")
+    router.add_argument("--policy", default="cache_aware", choices=["cache_aware", "least_loaded", "round_robin"])
+    router.add_argument("--prefill-weight", type=float, default=2.0,
+                        help="cache_aware: cost of one uncached prompt block against one active block")
+    router.add_argument("--served-model-name", nargs="+", default=None)
+    router.add_argument("--api-key", default=None, help="require this bearer key on /v1/* (or set TANDEM_API_KEY)")
+    router.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    router.set_defaults(func=cmd_router)
+
+    from tandem.up import add_up_args
+
+    up = sub.add_parser("up", help="the whole stack on this machine: Redis, workers, router (Ctrl-C stops it)")
+    up.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="HF folder or .gguf file")
+    add_engine_args(up)
+    add_up_args(up)
+    up.set_defaults(func=cmd_up)
 
     bench = sub.add_parser("bench", help="benchmarks: `tandem bench serve --help`, `tandem bench report --help`")
     bench.add_argument("bench_command", choices=["serve", "report"], help="serve: load-test a server; report: HTML")

@@ -166,7 +166,8 @@ def test_expired_lease_recomputes_and_frees_prefill_blocks(model, expected, work
     for rid in result.handoffs:
         assert result.tokens[rid] == want[rid]
     assert_idle(prefill, decode)  # freed after the grace, nobody released them
-    expired = lambda: metric(httpx.get(prefill.http + "/metrics", timeout=5).text, "tandem:kv_leases_expired_total")
+    def expired():
+        return metric(httpx.get(prefill.http + "/metrics", timeout=5).text, "tandem:kv_leases_expired_total")
     assert eventually(lambda: expired() == n), expired()
     text = httpx.get(decode.http + "/metrics", timeout=5).text
     assert metric(text, "tandem:kv_transfer_recomputed_handoffs_total") == n
