@@ -28,6 +28,8 @@ import triton.language as tl
 from tandem.kernels import triton_ops
 from tandem.kernels.attention import AttentionMetadata
 
+PREFILL_BLOCK_M = 64  # query rows per prefill program (the tile table's tile size)
+
 
 @triton.jit
 def _tanh(x):
@@ -50,7 +52,7 @@ def _scores_log2(q, k, scale, softcap, USE_SOFTCAP: tl.constexpr, PRECISION: tl.
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
     rows_ptr, block_table_ptr, context_lens_ptr,
-    scale, softcap, kv_per_split,
+    scale, softcap, num_splits,
     stride_qt, stride_qh,
     stride_cache_slot, stride_cache_head,
     stride_bt,
@@ -61,13 +63,19 @@ def _paged_decode_kernel(
     DIRECT: tl.constexpr,
 ):
     """DIRECT (one split): out is the final [T, H, D], written at the sequence's row.
-    Otherwise out is the partial [B, H, num_splits, D] fp32 and lse [B, H, num_splits]."""
+    Otherwise out is the partial [B, H, num_splits, D] fp32 and lse [B, H, num_splits].
+    Each sequence's context is cut into num_splits equal parts (rounded up to BLOCK_N), so the
+    work follows the real length, not the batch's longest. A context length of 0 marks a padding
+    entry (CUDA graphs): nothing is read or written."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
-    start = split * kv_per_split
-    end = tl.minimum(start + kv_per_split, context_len)
+    if context_len == 0:
+        return
+    split_len = tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, context_len)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -119,7 +127,7 @@ def _paged_decode_kernel(
 
 @triton.jit
 def _combine_splits_kernel(
-    part_ptr, lse_ptr, out_ptr, rows_ptr,
+    part_ptr, lse_ptr, out_ptr, rows_ptr, context_lens_ptr,
     num_splits,
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
@@ -129,6 +137,8 @@ def _combine_splits_kernel(
     """Weights each split's normalised output by exp2(lse_split - lse_max): exact softmax."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
+    if tl.load(context_lens_ptr + seq) == 0:  # padding entry
+        return
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     s_mask = s < num_splits
@@ -172,8 +182,9 @@ def paged_decode_attention(
 
     query [T, H, D] (rows [B] pick each sequence's row; other rows are left alone in out),
     caches [num_blocks, block_size, Hkv, D], block_table [B, max_blocks] int32/int64,
-    context_lens [B] (>= 1; tokens with KV, this step's included), max_len >= max(context_lens).
-    Returns out [T, H, D]."""
+    context_lens [B] int32 (tokens with KV, this step's included; 0 = a padding entry, skipped),
+    max_len >= max(context_lens) (only picks num_splits when it is not given).
+    Returns out [T, H, D]. Reads no tensor on the host: CUDA-graph safe."""
     num_seqs = rows.shape[0]
     _, page_size, num_kv_heads, head_dim = key_cache.shape
     num_heads = query.shape[1]
@@ -185,8 +196,6 @@ def paged_decode_attention(
     group = num_heads // num_kv_heads
     if num_splits is None:
         num_splits = decode_num_splits(num_seqs, num_kv_heads, max_len, query.device)
-    kv_per_split = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max_len, kv_per_split)
     common = dict(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), PAGE_SIZE=page_size, BLOCK_N=block_n,
@@ -199,7 +208,7 @@ def paged_decode_attention(
         _paged_decode_kernel[grid](
             query, key_cache, value_cache, out, out,
             rows, block_table, context_lens,
-            scale, softcap, kv_per_split,
+            scale, softcap, num_splits,
             query.stride(0), query.stride(1),
             key_cache.stride(1), key_cache.stride(2),
             block_table.stride(0),
@@ -213,7 +222,7 @@ def paged_decode_attention(
     _paged_decode_kernel[grid](
         query, key_cache, value_cache, part, lse,
         rows, block_table, context_lens,
-        scale, softcap, kv_per_split,
+        scale, softcap, num_splits,
         query.stride(0), query.stride(1),
         key_cache.stride(1), key_cache.stride(2),
         block_table.stride(0),
@@ -222,7 +231,7 @@ def paged_decode_attention(
         DIRECT=False, **common,
     )
     _combine_splits_kernel[(num_seqs, num_heads)](
-        part, lse, out, rows,
+        part, lse, out, rows, context_lens,
         num_splits,
         part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1),
@@ -236,17 +245,27 @@ def paged_decode_attention(
 @triton.jit
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-    q_start_ptr, q_len_ptr, prefix_len_ptr, block_table_ptr, slot_mapping_ptr,
+    q_start_ptr, q_len_ptr, prefix_len_ptr, block_table_ptr, slot_mapping_ptr, tiles_ptr,
     scale, softcap,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cache_slot, stride_cache_head,
     stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+    TILE_TABLE: tl.constexpr,
 ):
-    tile = tl.program_id(0)
+    """Grid (tiles, heads, sequences), or with TILE_TABLE (table entries, heads, 1): entry e of
+    tiles_ptr is seq << 16 | tile, or -1 for a padding entry (CUDA graphs)."""
     head = tl.program_id(1)
-    seq = tl.program_id(2)
+    if TILE_TABLE:
+        entry = tl.load(tiles_ptr + tl.program_id(0))
+        if entry < 0:
+            return
+        seq = entry >> 16
+        tile = entry & 0xFFFF
+    else:
+        tile = tl.program_id(0)
+        seq = tl.program_id(2)
     q_len = tl.load(q_len_ptr + seq)
     if tile * BLOCK_M >= q_len:
         return
@@ -298,58 +317,81 @@ def paged_prefill_attention(
     query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, q_start: torch.Tensor,
     q_len: torch.Tensor, prefix_len: torch.Tensor, block_table: torch.Tensor, slot_mapping: torch.Tensor,
     max_q_len: int, scale: float, logit_softcap: float | None = None, out: torch.Tensor | None = None,
-    block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+    block_m: int = PREFILL_BLOCK_M, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+    tiles: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal varlen attention of multi-token chunks over the paged cache (their K/V stored first).
 
     Sequence s owns query rows [q_start[s], q_start[s] + q_len[s]) of query [T, H, D]; its query i
     sits at context position prefix_len[s] + i. block_table [S, max_blocks] covers at least the
     cached prefix; slot_mapping [T] locates the chunk's own K/V. Returns out [T, H, D] (rows of
-    other sequences left alone)."""
+    other sequences left alone). With `tiles` (int32 [NT], from prefill_tile_table with the same
+    block_m) one program runs per table entry and max_q_len is not used: the launch reads no
+    tensor on the host and its grid does not depend on the lengths (CUDA-graph safe)."""
     num_seqs = q_start.shape[0]
     _, page_size, num_kv_heads, head_dim = key_cache.shape
     num_heads = query.shape[1]
     assert num_heads % num_kv_heads == 0 and query.stride(-1) == 1
     assert key_cache.is_contiguous() and value_cache.is_contiguous()
     out = torch.empty_like(query) if out is None else out
-    if num_seqs == 0 or max_q_len == 0:
+    if tiles is not None:
+        if tiles.shape[0] == 0:
+            return out
+        grid = (tiles.shape[0], num_heads, 1)
+    elif num_seqs == 0 or max_q_len == 0:
         return out
-    grid = (triton.cdiv(max_q_len, block_m), num_heads, num_seqs)
+    else:
+        grid = (triton.cdiv(max_q_len, block_m), num_heads, num_seqs)
     _paged_prefill_kernel[grid](
         query, key_cache, value_cache, out,
-        q_start, q_len, prefix_len, block_table, slot_mapping,
+        q_start, q_len, prefix_len, block_table, slot_mapping, q_start if tiles is None else tiles,
         scale, float(logit_softcap or 0.0),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(1), key_cache.stride(2),
         block_table.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n, USE_SOFTCAP=bool(logit_softcap),
-        PRECISION=_precision(query.dtype), num_warps=num_warps, num_stages=num_stages,
+        PRECISION=_precision(query.dtype), TILE_TABLE=tiles is not None, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
+
+
+def prefill_tile_table(q_lens: list[int], size: int | None = None, block_m: int = PREFILL_BLOCK_M) -> list[int]:
+    """The prefill programs of chunks of q_lens tokens: one entry seq << 16 | tile per query tile,
+    padded with -1 to `size` entries (at most cdiv(sum(q_lens), block_m) + len(q_lens) are used)."""
+    table = [(seq << 16) | tile for seq, n in enumerate(q_lens) for tile in range(-(-n // block_m))]
+    if size is not None:
+        if len(table) > size:
+            raise ValueError(f"{len(table)} prefill tiles do not fit a table of {size}")
+        table += [-1] * (size - len(table))
+    return table
 
 
 # --- backend ----------------------------------------------------------------------------------
 @dataclass
 class TritonAttentionMetadata:
-    """AttentionMetadata as device tensors for the kernels; built once per step, shared by layers."""
+    """One step's attention inputs as device tensors, shared by every layer. The runner's CUDA
+    path builds it directly (padded, in static buffers when a CUDA graph replays it);
+    build_triton_metadata converts the torch backend's AttentionMetadata (tests)."""
 
-    slot_mapping: torch.Tensor  # [T]
-    decode_rows: torch.Tensor  # [Bd]
+    slot_mapping: torch.Tensor  # [T] where each token's K/V goes (< 0: a padding token, not stored)
+    decode_rows: torch.Tensor  # [Bd] row of each single-token sequence
     decode_block_table: torch.Tensor  # [Bd, max_blocks]
-    decode_context_lens: torch.Tensor  # [Bd] int32
-    decode_max_len: int
+    decode_context_lens: torch.Tensor  # [Bd] int32, this step's token included (0: padding entry)
+    decode_max_len: int  # picks num_splits when decode_num_splits is None
     prefill_q_start: torch.Tensor  # [Np] int32: first row of each multi-token chunk
     prefill_q_len: torch.Tensor  # [Np] int32
     prefill_prefix_len: torch.Tensor  # [Np] int32: cached tokens before the chunk
-    prefill_block_table: torch.Tensor  # [Np, max_prefix_blocks] (at least one column)
-    prefill_max_q_len: int
+    prefill_block_table: torch.Tensor  # [Np, max_blocks] (at least one column)
+    prefill_max_q_len: int  # 0: no chunk (ignored with prefill_tiles)
+    decode_num_splits: int | None = None  # fixed KV splits (CUDA graphs), else from decode_max_len
+    prefill_tiles: torch.Tensor | None = None  # [NT] int32 from prefill_tile_table, or None
 
 
 def build_triton_metadata(meta: AttentionMetadata) -> TritonAttentionMetadata:
-    """From the runner's AttentionMetadata, on the device of its slot_mapping. The decode context
-    lengths come from decode_mask (one reduction); the prefill scalars go over in one copy.
-    No host sync."""
+    """From the torch backend's AttentionMetadata, on the device of its slot_mapping. The decode
+    context lengths come from decode_mask (one reduction); the prefill scalars go over in one copy."""
     device = meta.slot_mapping.device
     num_decode = meta.num_decode
     if meta.decode_mask is None:
@@ -382,14 +424,16 @@ def build_triton_metadata(meta: AttentionMetadata) -> TritonAttentionMetadata:
 class TritonAttentionBackend:
     """The AttentionBackend of the CUDA path: TorchAttentionBackend's interface and results.
 
-    The kernels' metadata is built from the first layer's AttentionMetadata and reused while the
-    same object comes back (the runner makes one per step)."""
+    `meta` is a TritonAttentionMetadata (the runner's CUDA path), or an AttentionMetadata whose
+    kernel metadata is built once and reused while the same object comes back."""
 
     def __init__(self) -> None:
         self._meta: AttentionMetadata | None = None
         self._triton_meta: TritonAttentionMetadata | None = None
 
-    def metadata(self, meta: AttentionMetadata) -> TritonAttentionMetadata:
+    def metadata(self, meta: AttentionMetadata | TritonAttentionMetadata) -> TritonAttentionMetadata:
+        if isinstance(meta, TritonAttentionMetadata):
+            return meta
         if meta is not self._meta:
             self._meta, self._triton_meta = meta, build_triton_metadata(meta)
         return self._triton_meta
@@ -399,18 +443,19 @@ class TritonAttentionBackend:
 
     def forward(self, query, key_cache, value_cache, meta, scale, logit_softcap=None, key=None, value=None):
         """query [T, H, D] -> [T, H, D]. K/V come from the pages (store_kv ran first), so the
-        step's `key`/`value` are not needed."""
+        step's `key`/`value` are not needed. Rows no sequence owns (padding) are left unset."""
         tmeta = self.metadata(meta)
         out = torch.empty_like(query)
         if tmeta.decode_rows.shape[0]:
             paged_decode_attention(
                 query, key_cache, value_cache, tmeta.decode_rows, tmeta.decode_block_table,
                 tmeta.decode_context_lens, tmeta.decode_max_len, scale, logit_softcap, out=out,
+                num_splits=tmeta.decode_num_splits,
             )
-        if tmeta.prefill_max_q_len:
+        if tmeta.prefill_tiles is not None or tmeta.prefill_max_q_len:
             paged_prefill_attention(
                 query, key_cache, value_cache, tmeta.prefill_q_start, tmeta.prefill_q_len,
                 tmeta.prefill_prefix_len, tmeta.prefill_block_table, tmeta.slot_mapping,
-                tmeta.prefill_max_q_len, scale, logit_softcap, out=out,
+                tmeta.prefill_max_q_len, scale, logit_softcap, out=out, tiles=tmeta.prefill_tiles,
             )
         return out

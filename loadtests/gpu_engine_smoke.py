@@ -1,5 +1,6 @@
-"""Engine on CUDA, torch attention path (no Triton wiring, no CUDA graphs yet): batch-1 and
-batch-64 decode with random weights of a real shape. A baseline for issue 6, not its benchmark.
+"""Engine on CUDA (the Triton path with CUDA graphs, KV pool from gpu_memory_utilization): batch-1
+and batch-64 decode with random weights of a real shape, a quick check. The benchmark of issue 6
+is loadtests/bench_gpu.py.
 
     python loadtests/gpu_engine_smoke.py --model loadtests/configs/llama-3.1-8b
 """
@@ -23,7 +24,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     args = ap.parse_args()
     llm = LLM(args.model, dtype="bfloat16", device="cuda", load_format="dummy", skip_tokenizer_init=True,
-              max_model_len=2048, kv_cache_memory="16GiB")
+              max_model_len=2048)
     vocab = llm.engine.model_config.vocab_size
     rng = random.Random(0)
     rows = []

@@ -68,7 +68,7 @@ class EngineCore:
         self.model = build_model(self.source, mc, self.device, config.load_format)
         bs = config.block_size
         kv_bytes_per_block = bs * mc.kv_bytes_per_token(self.model.compute_dtype)
-        num_blocks = config.num_kv_blocks or config.kv_cache_memory // kv_bytes_per_block
+        num_blocks = ModelRunner.kv_blocks(config, self.model, kv_bytes_per_block, self.device)
         if num_blocks * bs < mc.max_model_len:
             raise ValueError(
                 f"the KV pool holds {num_blocks * bs} tokens ({num_blocks} blocks of {bs}), less than "
@@ -80,7 +80,8 @@ class EngineCore:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max_batched, mc.max_model_len), self.kv
         )
-        self.runner = ModelRunner(self.model, num_blocks, bs, TorchAttentionBackend(), self.device)
+        self.runner = ModelRunner(self.model, num_blocks, bs, TorchAttentionBackend(), self.device,
+                                  self.scheduler.config)
         self.eos_token_ids = frozenset(self.source.eos_token_ids)
         self._arrivals = 0
         self.prompt_tokens = 0

@@ -7,15 +7,28 @@ load time into qkv_proj and gate_up_proj (one matmul each).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from tandem.kernels import reference as ops
+from tandem.kernels import reference
 from tandem.kernels.attention import AttentionBackend, AttentionMetadata
+from tandem.kernels.model_ops import ModelOps, TorchOps
 from tandem.shared.models.config import ModelConfig
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # key, value: [num_blocks, block_size, num_kv_heads, head_dim]
+
+
+@dataclass
+class ForwardContext:
+    """What every layer of one forward shares."""
+
+    meta: Any  # the backend's attention metadata (AttentionMetadata or TritonAttentionMetadata)
+    backend: AttentionBackend
+    ops: ModelOps
+    rope: Any  # ops.rope_context(...) of this forward's positions
 
 
 class RMSNorm(nn.Module):
@@ -25,8 +38,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight_offset = weight_offset
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: ModelOps) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps, self.weight_offset)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor, ops: ModelOps) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual)"""
+        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps, self.weight_offset)
 
 
 class Attention(nn.Module):
@@ -44,15 +61,17 @@ class Attention(nn.Module):
         self.scale = cfg.attn_scale
         self.softcap = cfg.attn_logit_softcap
 
-    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache, meta, backend: AttentionBackend):
+    def forward(self, x: torch.Tensor, kv_cache: KVCache, ctx: ForwardContext) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
         qk = qkv[:, : self.q_size + self.kv_size].reshape(num_tokens, self.num_heads + self.num_kv_heads, -1)
         v = qkv[:, self.q_size + self.kv_size :].reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            qk = torch.cat([self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads :])], dim=1)
-        qk = ops.apply_rope(qk, *rope)  # [T, H + Hkv, D]: q and k rotated together
+            qk = torch.cat([self.q_norm(qk[:, : self.num_heads], ctx.ops),
+                            self.k_norm(qk[:, self.num_heads :], ctx.ops)], dim=1)
+        qk = ctx.ops.apply_rope(qk, ctx.rope)  # [T, H + Hkv, D]: q and k rotated together
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        meta, backend = ctx.meta, ctx.backend
         backend.store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         out = backend.forward(q, kv_cache[0], kv_cache[1], meta, self.scale, self.softcap, k, v)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
@@ -63,10 +82,10 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-        self.act_and_mul = ops.silu_and_mul if cfg.spec.activation == "silu" else ops.gelu_tanh_and_mul
+        self.activation = cfg.spec.activation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))  # [T, hidden]
+    def forward(self, x: torch.Tensor, ops: ModelOps) -> torch.Tensor:
+        return self.down_proj(ops.act_and_mul(self.gate_up_proj(x), self.activation))  # [T, hidden]
 
 
 class DecoderLayer(nn.Module):
@@ -82,14 +101,24 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
 
-    def forward(self, x, rope, kv_cache, meta, backend):
-        # x [T, hidden]: the residual stream
-        h = self.self_attn(self.input_layernorm(x), rope, kv_cache, meta, backend)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, kv_cache: KVCache, ctx: ForwardContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, hidden]: the previous layer's output, not yet added to `residual` (the stream;
+        None at the first layer, where x is the embedding). Returns (this layer's output, the
+        stream before it): the add happens in the next norm, fused on the GPU. Same sums as
+        x = x + attn(norm(x)); x = x + mlp(norm(x))."""
+        ops = ctx.ops
+        if residual is None:
+            residual, h = x, self.input_layernorm(x, ops)
+        else:
+            h, residual = self.input_layernorm.add(x, residual, ops)
+        h = self.self_attn(h, kv_cache, ctx)
         if self.sandwich:
-            x = x + self.post_attention_layernorm(h)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+            h, residual = self.pre_feedforward_layernorm.add(self.post_attention_layernorm(h, ops), residual, ops)
+            return self.post_feedforward_layernorm(self.mlp(h, ops), ops), residual
+        h, residual = self.post_attention_layernorm.add(h, residual, ops)
+        return self.mlp(h, ops), residual
 
 
 class DecoderModel(nn.Module):
@@ -107,6 +136,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.compute_dtype = cfg.dtype  # activations and KV cache (the loader may choose fp32 on CPU)
+        self.ops: ModelOps = TorchOps()  # the runner's CUDA path swaps in TritonOps
         self.model = DecoderModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -114,7 +144,7 @@ class CausalLM(nn.Module):
         self.embed_scale = cfg.hidden_size**0.5 if cfg.spec.embed_scale else None
         self.register_buffer(
             "cos_sin_cache",
-            ops.rope_cos_sin_cache(cfg.rope_inv_freq(), cfg.max_model_len),
+            reference.rope_cos_sin_cache(cfg.rope_inv_freq(), cfg.max_model_len),
             persistent=False,
         )
 
@@ -129,16 +159,27 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         if self.embed_scale is not None:
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
-        rope = ops.rope_cos_sin(positions, self.cos_sin_cache, x.dtype)
+        ops = self.ops
+        ctx = ForwardContext(meta, backend, ops, ops.rope_context(positions, self.cos_sin_cache, x.dtype))
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, rope, kv_cache, meta, backend)
-        return self.model.norm(x)  # [T, hidden]
+            x, residual = layer(x, residual, kv_cache, ctx)
+        return self.model.norm.add(x, residual, ops)[0]  # [T, hidden]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()  # [N, vocab]
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [N, hidden] -> fp32 logits [N, vocab] (written into `out` when given: a CUDA
+        graph's static buffer)."""
+        if out is None:
+            logits = self.lm_head(hidden).float()  # [N, vocab]
+        else:
+            logits = out
+            logits.copy_(self.lm_head(hidden))
         cap = self.config.final_logit_softcap
         if cap:
-            logits = torch.tanh(logits / cap) * cap
+            if out is None:
+                logits = torch.tanh(logits / cap) * cap
+            else:
+                logits.div_(cap).tanh_().mul_(cap)
         return logits
 
     # --- weights ------------------------------------------------------------------------------

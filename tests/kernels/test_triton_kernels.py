@@ -10,35 +10,13 @@ in fp32 and fp16 only. Tests marked gpu run the compiled kernels at real sizes.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.kernels import interpreter  # sets TRITON_INTERPRET=1 without CUDA, before triton is imported
+
 pytest.importorskip("triton")
-
-
-def _fix_interpreter_scalar_index() -> None:
-    """Triton 3.6's interpreter turns a scalar into an int with int(array of shape (1,)), which
-    numpy >= 2.4 refuses (triton-lang/triton#9171): loops with run-time bounds then fail."""
-    from triton.runtime import interpreter
-
-    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
-    if patch_tensor is None or getattr(patch_tensor, "tandem_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched.tandem_fixed = True
-    interpreter._patch_lang_tensor = patched
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _fix_interpreter_scalar_index()
+interpreter.setup()
 
 from tandem.kernels import reference as ops  # noqa: E402
 from tandem.kernels import triton_ops  # noqa: E402
@@ -50,9 +28,11 @@ from tandem.kernels.attention import (  # noqa: E402
 )
 from tandem.kernels.triton_attention import (  # noqa: E402
     TritonAttentionBackend,
+    TritonAttentionMetadata,
     build_triton_metadata,
     paged_decode_attention,
     paged_prefill_attention,
+    prefill_tile_table,
 )
 from tandem.shared.models.config import model_config_from_hf  # noqa: E402
 
@@ -249,6 +229,50 @@ def test_prefill_multi_tile(head_dim, dtype):
                                   tmeta.prefill_prefix_len, tmeta.prefill_block_table.int(), tmeta.slot_mapping,
                                   tmeta.prefill_max_q_len, scale, 20.0, block_m=32, block_n=32)
     check_close(out, ref, dtype)
+
+
+def padded_metadata(meta, tmeta, pad_decode: int, pad_tiles: int, block_m: int):
+    """tmeta as a CUDA graph sees it: decode entries padded with context length 0 (their rows point
+    at row 0, which a real sequence owns), the prefill grid from a tile table padded with -1."""
+    dev = tmeta.slot_mapping.device
+    nd = tmeta.decode_rows.shape[0]
+    i32 = dict(dtype=torch.int32, device=dev)
+    rows = torch.cat([tmeta.decode_rows.int(), torch.zeros(pad_decode, **i32)])
+    lens = torch.cat([tmeta.decode_context_lens, torch.zeros(pad_decode, **i32)])
+    width = tmeta.decode_block_table.shape[1] if nd else 1
+    table = torch.cat([tmeta.decode_block_table.int().reshape(nd, width), torch.zeros(pad_decode, width, **i32)])
+    tiles = prefill_tile_table([s.num_query for s in meta.prefills], block_m=block_m)
+    tiles = torch.tensor(tiles + [-1] * pad_tiles, **i32)
+    return TritonAttentionMetadata(
+        slot_mapping=tmeta.slot_mapping, decode_rows=rows, decode_block_table=table, decode_context_lens=lens,
+        decode_max_len=tmeta.decode_max_len, prefill_q_start=tmeta.prefill_q_start, prefill_q_len=tmeta.prefill_q_len,
+        prefill_prefix_len=tmeta.prefill_prefix_len, prefill_block_table=tmeta.prefill_block_table.int(),
+        prefill_max_q_len=0, decode_num_splits=None, prefill_tiles=tiles,
+    )
+
+
+@pytest.mark.parametrize("dtype", ATTN_DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_padded_metadata_matches_torch(num_splits, dtype):
+    """Padding entries (CUDA graphs) are skipped: decode context length 0 (direct and split paths),
+    prefill tile -1; the result equals the unpadded reference on every real row."""
+    seqs = [(7, 1), (0, 9), (150, 1), (10, 70), (3, 1)]
+    batch = paged_batch(seqs, 8, 2, head_dim=32, page_size=8, dtype=dtype, seed=6)
+    query, new_k, new_v, key_cache, value_cache, meta = batch
+    scale = 32**-0.5
+    ref = torch_reference(*batch, scale, None)
+    triton_ops.store_kv(new_k, new_v, key_cache, value_cache, meta.slot_mapping)
+    pmeta = padded_metadata(meta, build_triton_metadata(meta), pad_decode=3, pad_tiles=4, block_m=64)
+    pmeta.decode_num_splits = num_splits
+    out = TritonAttentionBackend().forward(query, key_cache, value_cache, pmeta, scale)
+    check_close(out, ref, dtype)
+
+
+def test_prefill_tile_table():
+    assert prefill_tile_table([3, 130, 64], block_m=64) == [0, 1 << 16, (1 << 16) | 1, (1 << 16) | 2, 2 << 16]
+    assert prefill_tile_table([5], size=3) == [0, -1, -1]
+    with pytest.raises(ValueError, match="do not fit"):
+        prefill_tile_table([200], size=2)
 
 
 # --- real sizes on the GPU --------------------------------------------------------------------
