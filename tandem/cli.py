@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--port", type=int, default=8000)
     router.add_argument("--redis-url", default=None, help="default: $TANDEM_REDIS_URL or redis://127.0.0.1:6379/0")
     router.add_argument("--policy", default="cache_aware", choices=["cache_aware", "least_loaded", "round_robin"])
-    router.add_argument("--prefill-weight", type=float, default=2.0,
+    router.add_argument("--prefill-weight", type=float, default=4.0,
                         help="cache_aware: cost of one uncached prompt block against one active block")
     router.add_argument("--served-model-name", nargs="+", default=None)
     router.add_argument("--api-key", default=None, help="require this bearer key on /v1/* (or set TANDEM_API_KEY)")

@@ -43,7 +43,7 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     policy: str = "cache_aware"
-    prefill_weight: float = 2.0
+    prefill_weight: float = 4.0
     served_model_names: tuple[str, ...] = ()
     api_key: str | None = None
     worker_wait_s: float = 900.0  # at start-up: how long to wait for a first worker

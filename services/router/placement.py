@@ -8,8 +8,9 @@ its KV events, plus what this router sent it since); `active_blocks`: the larger
 reported used blocks and this router's requests on it (prompt + max new tokens); queued prefill
 tokens: prompts this router sent it that have not produced their first token yet.
 
-prefill_weight (default 2): computing a prompt block costs more than holding one block of a running
-sequence; at 1 a single running request would outweigh a cached 300-token prefix.
+prefill_weight (default 4): computing a prompt block costs more than holding one block of a running
+sequence; at 1 a single running request (its prompt + output blocks) outweighs a cached 300-token
+prefix, and requests of one system prompt scatter over every worker (measured: docs/perf.md).
 
 Policies: cache_aware (the cost above), least_loaded (the cost without the cache term),
 round_robin (in turn). Ties go to the worker this router sent fewer requests to.
@@ -26,7 +27,7 @@ POLICIES = ("cache_aware", "least_loaded", "round_robin")
 
 
 class Placement:
-    def __init__(self, policy: str, view: ClusterView, prefill_weight: float = 2.0) -> None:
+    def __init__(self, policy: str, view: ClusterView, prefill_weight: float = 4.0) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.policy = policy

@@ -50,9 +50,9 @@ def test_cache_aware_prefers_the_cached_prefix_until_load_outweighs_it(view):
     placement = Placement("cache_aware", view)
     candidates = view.alive()
     assert placement.pick(candidates, hashes, 320).worker_id == "b"
-    view.workers["b"].load = WorkerLoad(used_blocks=35)  # 35 active blocks < 2 x 20 blocks to prefill on a
+    view.workers["b"].load = WorkerLoad(used_blocks=75)  # 75 active blocks < 4 x 20 blocks to prefill on a
     assert placement.pick(candidates, hashes, 320).worker_id == "b"
-    view.workers["b"].load = WorkerLoad(used_blocks=45)  # now a is cheaper: no cliff, one cost
+    view.workers["b"].load = WorkerLoad(used_blocks=85)  # now a is cheaper: no cliff, one cost
     assert placement.pick(candidates, hashes, 320).worker_id == "a"
     other = hash_block_chain(list(range(1000, 1320)), BS)  # nobody caches it: the less loaded one
     assert placement.pick(candidates, other, 320).worker_id == "a"
