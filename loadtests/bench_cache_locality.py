@@ -3,12 +3,14 @@ workers, and `tandem up --mixed 2` under each routing policy; the cluster's pref
 (from the workers' metrics, summed by the router) and the serving metrics of `tandem bench serve`.
 
 Default workload (issue 5's cache-locality check): 8 distinct ~300-token system prompts x many
-short user turns (`--workload shared-prefix`), at a fixed concurrency. Each worker's KV pool holds
-only about 5 of the 8 prompts (--kv-cache-memory), so a policy that spreads every prompt over every
-worker evicts, and one that keeps each prompt on one worker does not. "ideal" is one worker whose
-cache holds everything: every prompt computed once.
+short user turns (`--workload shared-prefix`), at a fixed concurrency. With a KV pool per worker
+that holds about 8 / workers of the prompts (--kv-cache-memory), a policy that spreads every prompt
+over every worker evicts, and one that keeps each prompt on one worker does not. "ideal" is one
+worker whose cache holds everything: every prompt computed once.
 
-    python loadtests/bench_cache_locality.py --out-dir docs/bench/cache-locality [--num-prompts 160]
+    python loadtests/bench_cache_locality.py --out-dir OUT --workers 4 --kv-cache-memory 37MiB \
+        --max-model-len 512 --setups ideal cache_aware round_robin least_loaded
+    python loadtests/bench_cache_locality.py --out-dir OUT --setups serve pd cache_aware round_robin
     tandem bench report docs/bench/cache-locality/*.json -o docs/bench/cache-locality/report.html
 """
 
@@ -26,15 +28,18 @@ from pathlib import Path
 
 import httpx
 
-SETUPS = {
-    # name: (command after `tandem`, KV pool per worker)
-    "ideal (1 worker, big cache)": (["up", "--mixed", "1"], "1GiB"),
-    "mixed x2 cache_aware": (["up", "--mixed", "2", "--policy", "cache_aware"], None),
-    "mixed x2 round_robin": (["up", "--mixed", "2", "--policy", "round_robin"], None),
-    "mixed x2 least_loaded": (["up", "--mixed", "2", "--policy", "least_loaded"], None),
-    "P/D 1+1 cache_aware": (["up", "--prefill", "1", "--decode", "1"], None),
-    "serve (monolithic)": (["serve"], None),
-}
+SETUPS = ("ideal", "cache_aware", "round_robin", "least_loaded", "pd", "serve")
+
+
+def setup_command(name: str, workers: int) -> tuple[str, list[str], str | None]:
+    """(label, argv after `tandem`, KV pool override) of a setup."""
+    if name == "ideal":
+        return "ideal (1 worker, big cache)", ["up", "--mixed", "1"], "1GiB"
+    if name == "pd":
+        return "P/D 1+1 cache_aware", ["up", "--prefill", "1", "--decode", "1"], None
+    if name == "serve":
+        return "serve (monolithic)", ["serve"], None
+    return f"mixed x{workers} {name}", ["up", "--mixed", str(workers), "--policy", name], None
 
 
 def free_port() -> int:
@@ -48,7 +53,8 @@ def metric_sum(text: str, name: str) -> float:
 
 
 def start(cmd: list[str], port: int, redis_url: str, kv_memory: str, args, log: Path) -> subprocess.Popen:
-    common = ["--dtype", args.dtype, "--max-model-len", "1024", "--kv-cache-memory", kv_memory, "--port", str(port)]
+    common = ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--kv-cache-memory", kv_memory,
+              "--port", str(port)]
     if cmd[0] == "up":
         common += ["--redis-url", redis_url, "--log-dir", str(log.with_suffix(""))]
     proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", *cmd, *common], stdout=open(log, "w"),
@@ -76,16 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=24, help="user turn tokens after the system prompt")
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--kv-cache-memory", default="80MiB",
-                   help="KV pool per worker (SmolLM2 fp32: 80MiB = 113 blocks of 16 = ~5 of 8 system prompts)")
+                   help="KV pool per worker (SmolLM2 fp32: 720 KiB a 16-token block; 80MiB = 113 blocks, ~5 prompts)")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS)
+    p.add_argument("--workers", type=int, default=2, help="mixed workers of the policy setups")
+    p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/11", help="a Redis DB this script may flush")
     args = p.parse_args(argv)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name in args.setups:
-        cmd, kv_memory = SETUPS[name]
+    for setup in args.setups:
+        name, cmd, kv_memory = setup_command(setup, args.workers)
         slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         import redis
 
@@ -116,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
     ideal = next((r[1] for r in rows if r[0].startswith("ideal")), None)
-    print(f"\nshared-prefix: {args.num_prefixes} prompts of {args.prefix_len} tokens x {args.num_prompts} requests "
+    print(f"\n{args.workers} workers in the policy setups; shared-prefix: {args.num_prefixes} prompts of "
+          f"{args.prefix_len} tokens x {args.num_prompts} requests "
           f"(+{args.input_len} tokens, {args.output_len} out), concurrency {args.max_concurrency}, KV pool "
           f"{args.kv_cache_memory} per worker, {args.dtype}")
     print(f"{'setup':<30}{'hit rate':>9}{'/ideal':>8}{'req/s':>8}{'mean TTFT ms':>14}{'p99 TTFT ms':>13}"

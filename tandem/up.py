@@ -1,6 +1,7 @@
 """`tandem up`: the whole disaggregated stack on this machine, as processes: Redis (started if none
 answers at --redis-url), N prefill and M decode workers (or K mixed ones), and the router. The
-same commands as compose/ runs, with free ports on 127.0.0.1. Logs: one file per service in
+same commands as compose/ runs, with free ports on 127.0.0.1; CPU workers split the cores
+(OMP_NUM_THREADS = cores / workers, unless set). Logs: one file per service in
 --log-dir. Ctrl-C (or SIGTERM) stops everything; a worker that dies is reported and the router
 fails over; if the router or Redis (when started here) dies, the stack stops.
 """
@@ -78,10 +79,13 @@ def _redis_answers(url: str) -> bool:
         return False
 
 
-def _start(service: Service) -> None:
+def _start(service: Service, threads: int | None = None) -> None:
     log = open(service.log, "ab")
+    env = dict(os.environ)
+    if threads is not None and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(threads)  # CPU workers share the cores instead of oversubscribing them
     service.proc = subprocess.Popen(
-        [sys.executable, "-m", "tandem.cli", *service.cmd], stdout=subprocess.PIPE, stderr=log,
+        [sys.executable, "-m", "tandem.cli", *service.cmd], stdout=subprocess.PIPE, stderr=log, env=env,
         start_new_session=True,  # Ctrl-C reaches `tandem up` only; it stops the others in order
     )
 
@@ -163,8 +167,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"started redis-server on port {port}", flush=True)
         commands = stack_commands(args, redis_url)
         workers = [Service(name, cmd, log_dir / f"{name}.log") for name, cmd in commands.items() if name != "router"]
+        # On CPU, N workers on one machine get cores / N threads each (unless OMP_NUM_THREADS is set):
+        # N processes each running one thread per core spend their time preempting each other.
+        threads = max(1, (os.cpu_count() or 1) // len(workers)) if args.device == "cpu" else None
         for w in workers:
-            _start(w)
+            _start(w, threads)
             services.append(w)
         deadline = time.monotonic() + args.start_timeout
         for w in workers:
