@@ -7,7 +7,8 @@ the prompt's blocks. The pulling process (this one) times:
   kv pull         KVBlockClient.pull into its own caches (checks + copies into the cache)
   raw zmq         the same reply messages (header, one per layer; built once) from a plain ROUTER,
                   received by a DEALER and dropped: the transport alone, no checks, no cache writes
-  raw socket      (tcp only) one plain TCP stream of the same bytes, recv_into one buffer
+  raw socket      one plain stream socket (TCP, or a Unix socket for ipc) of the same bytes, recv_into
+                  one buffer
 over tcp loopback and ipc, and over UCX (tcp; raw = ucxx sends of the same frames), for a prompt
 whose blocks are consecutive in the server's cache (one frame per layer and K/V) and one whose
 blocks are scattered (gathered by the server into frames of up to 64 blocks).
@@ -68,8 +69,12 @@ def serve(args, pattern_ids: dict[str, list[int]], ready, stop) -> None:
             raw.bind(raw_addr)
         addrs[transport] = (server.address, raw_addr, raw)
     listener = socket.create_server(("127.0.0.1", 0))
-    ready.put({t: (a[0], a[1]) for t, a in addrs.items()} | {"leases": lease_ids,
-                                                             "tcp_port": listener.getsockname()[1]})
+    unix_path = f"{folder}/raw-unix"
+    unix_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix_listener.bind(unix_path)
+    unix_listener.listen()
+    ready.put({t: (a[0], a[1]) for t, a in addrs.items()} | {
+        "leases": lease_ids, "raw_tcp": ("127.0.0.1", listener.getsockname()[1]), "raw_unix": unix_path})
     total = {name: len(ids) * 2 * args.layers * source.spec.block_bytes for name, ids in pattern_ids.items()}
     blob = np.random.default_rng(0).integers(0, 255, max(total.values()), dtype=np.uint8)
 
@@ -86,7 +91,7 @@ def serve(args, pattern_ids: dict[str, list[int]], ready, stop) -> None:
             for message in replies[request.decode()]:
                 sock.send_multipart([identity, *message], copy=False)
 
-    def raw_tcp() -> None:
+    def raw_stream(listener: socket.socket) -> None:  # a plain stream socket (TCP or Unix) of the same bytes
         listener.settimeout(0.05)
         while stop.empty():
             try:
@@ -123,7 +128,7 @@ def serve(args, pattern_ids: dict[str, list[int]], ready, stop) -> None:
         raw_listener = UcxRuntime.default().run(listen(), timeout=30)
         ready.put({"ucx": (ucx_server.address, f"ucx://127.0.0.1:{raw_listener.port}")})
     threads = [threading.Thread(target=raw_zmq, args=(a[2],), daemon=True) for a in addrs.values()]
-    threads.append(threading.Thread(target=raw_tcp, daemon=True))
+    threads += [threading.Thread(target=raw_stream, args=(sock,), daemon=True) for sock in (listener, unix_listener)]
     for t in threads:
         t.start()
     for t in threads:
@@ -228,11 +233,18 @@ def main(argv: list[str] | None = None) -> int:
             t_pull, t_raw = timed(pull, args.repeat), timed(raw_zmq, args.repeat)
             row = {"transport": transport, "pattern": name, "pull": nbytes / t_pull / 1e9,
                    "raw_zmq": nbytes / t_raw / 1e9, "raw_socket": None}
-            if transport == "tcp":
+            if transport in ("tcp", "ipc"):
                 buf = bytearray(nbytes)
 
-                def raw_socket(name=name, buf=buf):
-                    with socket.create_connection(("127.0.0.1", info["tcp_port"])) as s:
+                def connect(transport=transport) -> socket.socket:
+                    if transport == "tcp":
+                        return socket.create_connection(info["raw_tcp"])
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    s.connect(info["raw_unix"])
+                    return s
+
+                def raw_socket(name=name, buf=buf, connect=connect):
+                    with connect() as s:
                         s.sendall(name.encode())
                         view, got = memoryview(buf), 0
                         while got < nbytes:
