@@ -49,6 +49,56 @@ class APIKeyMiddleware:
         return hmac.compare_digest(digest, self._digest) and scheme.lower() == b"bearer"
 
 
+MAX_BODY_BYTES = 32 << 20  # a request body larger than this is refused with 413 before it is parsed
+
+
+class BodySizeLimitMiddleware:
+    """413 for a body over `max_bytes`: at once from Content-Length, or as soon as a chunked body
+    passes the limit (the rest is not read into memory)."""
+
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+        too_large = refused = False
+
+        async def limited_receive():
+            nonlocal seen, too_large
+            if too_large:
+                return {"type": "http.request", "body": b"", "more_body": False}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:  # stop reading; whatever the app answers becomes the 413
+                    too_large = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
+            return message
+
+        async def guarded_send(message) -> None:
+            nonlocal refused
+            if not too_large:
+                await send(message)
+            elif not refused:
+                refused = True
+                await self._refuse(scope, receive, send)
+
+        await self.app(scope, limited_receive, guarded_send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        response = error_response(413, f"the request body is larger than {self.max_bytes >> 20} MiB",
+                                  code="request_too_large")
+        await response(scope, receive, send)
+
+
 def build_app(client: EngineClient, tokenizer, model: ServedModel, *, api_key: str | None = None,
               version: str = "0", metrics: ServerMetrics | None = None, lifespan=None) -> FastAPI:
     """`lifespan` (optional) wraps the app's life: the serve process starts and stops the
@@ -69,6 +119,7 @@ def build_app(client: EngineClient, tokenizer, model: ServedModel, *, api_key: s
     install_error_handlers(app)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(BodySizeLimitMiddleware)  # outermost: before the key check reads nothing anyway
 
     def serving_of(request: Request) -> OpenAIServing:
         serving: OpenAIServing = request.app.state.serving

@@ -29,6 +29,9 @@ from tandem.shared.sampling_params import InvalidParameterError, SamplingParams
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 
 
+MAX_N = 64  # choices per request: each is an engine sequence holding its own KV blocks
+
+
 @dataclass(frozen=True)
 class ServedModel:
     names: tuple[str, ...]  # the first is what responses report
@@ -78,6 +81,8 @@ class OpenAIServing:
     ) -> SamplingParams:
         """The engine's params from the request's fields (unset fields keep the engine's defaults);
         a bad value is a 400 naming the request's own field (`rename` maps engine -> request names)."""
+        if isinstance(req.n, int) and req.n > MAX_N:
+            raise APIError(400, f"n is {req.n}, at most {MAX_N} choices per request", "n")
         fields: dict[str, Any] = dict(
             n=req.n, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, min_tokens=req.min_tokens,
             ignore_eos=req.ignore_eos, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,

@@ -268,6 +268,26 @@ def test_huge_body_is_not_echoed(server):
     assert len(r.text) < 2000 and "AAAA" not in r.text
 
 
+def test_oversized_body_is_413_and_n_is_capped(server, client):
+    from tandem.services.openai.api import MAX_BODY_BYTES
+    from tandem.services.openai.serving import MAX_N
+
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    big = b'{"model": "x", "prompt": "' + b"a" * (MAX_BODY_BYTES + 10) + b'"}'
+    r = httpx.post(f"{server.url}/v1/completions", content=big, headers=headers, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: refused once the stream passes the limit
+        for _ in range(MAX_BODY_BYTES // (1 << 20) + 2):
+            yield b"a" * (1 << 20)
+
+    r = httpx.post(f"{server.url}/v1/completions", content=chunks(), headers=headers, timeout=60)
+    assert r.status_code == 413
+    r = _post(server, "/v1/completions", {"model": MODEL, "prompt": PROMPT, "n": MAX_N + 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).choices  # still serving
+
+
 def test_auth_and_unknown_model(server):
     for key in (None, "wrong-key"):
         r = _post(server, "/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 2}, key=key)
