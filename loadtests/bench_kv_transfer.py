@@ -9,7 +9,8 @@ the prompt's blocks. The pulling process (this one) times:
                   received by a DEALER and dropped: the transport alone, no checks, no cache writes
   raw socket      one plain stream socket (TCP, or a Unix socket for ipc) of the same bytes, recv_into
                   one buffer
-over tcp loopback and ipc, and over UCX (tcp; raw = ucxx sends of the same frames), for a prompt
+over tcp loopback and ipc, with the ZeroMQ and the plain-socket KV transports (the latter's raw is the
+plain stream), and over UCX (tcp; raw = ucxx sends of the same frames), for a prompt
 whose blocks are consecutive in the server's cache (one frame per layer and K/V) and one whose
 blocks are scattered (gathered by the server into frames of up to 64 blocks).
 
@@ -34,6 +35,7 @@ import zmq
 
 from tandem.kv_transfer.leases import LeaseTable
 from tandem.kv_transfer.messages import KVPullMsg, encode_kv_msg
+from tandem.kv_transfer.socket_transport import SocketKVBlockClient, SocketKVBlockServer
 from tandem.kv_transfer.transport import KVBlockSource, KVDest, reply_runs
 from tandem.kv_transfer.zmq_transport import ZmqKVBlockClient, ZmqKVBlockServer
 
@@ -68,13 +70,18 @@ def serve(args, pattern_ids: dict[str, list[int]], ready, stop) -> None:
         else:
             raw.bind(raw_addr)
         addrs[transport] = (server.address, raw_addr, raw)
+    # The plain-socket KV transport (receives straight into the cache).
+    sock_tcp = SocketKVBlockServer("tcp://127.0.0.1:0", caches, leases, COMPAT).start()
+    sock_unix = SocketKVBlockServer(f"ipc://{folder}/kv-socket", caches, leases, COMPAT).start()
+    servers += [sock_tcp, sock_unix]
     listener = socket.create_server(("127.0.0.1", 0))
     unix_path = f"{folder}/raw-unix"
     unix_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     unix_listener.bind(unix_path)
     unix_listener.listen()
     ready.put({t: (a[0], a[1]) for t, a in addrs.items()} | {
-        "leases": lease_ids, "raw_tcp": ("127.0.0.1", listener.getsockname()[1]), "raw_unix": unix_path})
+        "leases": lease_ids, "raw_tcp": ("127.0.0.1", listener.getsockname()[1]), "raw_unix": unix_path,
+        "socket": {"tcp": sock_tcp.address, "ipc": sock_unix.address}})
     total = {name: len(ids) * 2 * args.layers * source.spec.block_bytes for name, ids in pattern_ids.items()}
     blob = np.random.default_rng(0).integers(0, 255, max(total.values()), dtype=np.uint8)
 
@@ -255,6 +262,15 @@ def main(argv: list[str] | None = None) -> int:
 
                 row["raw_socket"] = nbytes / timed(raw_socket, args.repeat) / 1e9
             rows.append(row)
+            # The socket transport over the same kind of stream: its raw is the plain stream above.
+            sock_client = SocketKVBlockClient(COMPAT, timeout_s=120)
+
+            def sock_pull(ids=ids, name=name, addr=info["socket"][transport], sock_client=sock_client):
+                sock_client.pull(addr, info["leases"][name], ids, dest)
+
+            t_sock = timed(sock_pull, args.repeat)
+            rows.append({"transport": f"socket-{'tcp' if transport == 'tcp' else 'unix'}", "pattern": name,
+                         "pull": nbytes / t_sock / 1e9, "raw_zmq": row["raw_socket"], "raw_socket": row["raw_socket"]})
         raw.close(linger=0)
     if args.ucx:
         rows.extend(bench_ucx(args, info, patterns, dest, nbytes))
@@ -268,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nKV pull of a {args.tokens}-token prompt: {num} blocks x {args.layers} layers x K,V x "
           f"{block_bytes // 1024} KiB = {nbytes / 2**20:.0f} MiB per transfer; median of {args.repeat}; "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, pyzmq {zmq.__version__}")
-    print("raw: the same bytes and frames over the same transport (zmq, or ucxx for ucx-tcp) without "
-          "checks or cache writes")
+    print("raw: the same bytes and frames over the same transport (zmq; ucxx for ucx-tcp; the plain stream for "
+          "socket-*) without checks or cache writes")
     print(f"{'transport':<10}{'blocks':<13}{'kv pull GB/s':>13}{'raw GB/s':>14}{'pull/raw':>14}"
           f"{'raw socket GB/s':>17}{'pull/raw sock':>15}")
     print(f"pulled bytes equal the source: {exact}")

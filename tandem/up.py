@@ -216,7 +216,7 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="the router's interface")
     p.add_argument("--port", type=int, default=8000, help="the router's port")
     p.add_argument("--redis-url", default=os.environ.get("TANDEM_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    p.add_argument("--kv-transport", default="zmq", choices=["zmq", "ucx"])
+    p.add_argument("--kv-transport", default="zmq", choices=["zmq", "socket", "ucx"])
     p.add_argument("--api-key", default=None)
     p.add_argument("--served-model-name", nargs="+", default=None)
     p.add_argument("--log-dir", default=None, help="default: tandem-logs/<date-time>")

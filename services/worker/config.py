@@ -48,7 +48,8 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8100, help="HTTP port for /health and /metrics (0: a free one)")
     p.add_argument("--zmq-port", type=int, default=8101, help="request socket port (0: a free one)")
     p.add_argument("--kv-port", type=int, default=8102, help="KV block server port (0: a free one)")
-    p.add_argument("--kv-transport", default="zmq", choices=["zmq", "ucx"])
+    p.add_argument("--kv-transport", default="zmq", choices=["zmq", "socket", "ucx"],
+                   help="KV pulls over ZeroMQ, plain sockets (received straight into the cache), or UCX")
     p.add_argument("--kv-ipc", default=None, metavar="PATH",
                    help="serve KV pulls on ipc://PATH instead of tcp (peers on this machine only)")
     p.add_argument("--kv-failure-policy", default="recompute", choices=["recompute", "fail"],

@@ -36,14 +36,14 @@ from tandem.shared.wire.messages import AddRequestMsg, ErrorMsg, HandoffRecord, 
 
 logger = logging.getLogger("tandem.worker")
 
-TRANSPORTS = ("zmq", "ucx")
+TRANSPORTS = ("zmq", "socket", "ucx")
 # Transfer-time histogram buckets (seconds).
 TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass(frozen=True)
 class KVTransferConfig:
-    transport: str = "zmq"  # "zmq" (tcp:// or ipc://) or "ucx" (ucx://HOST:PORT)
+    transport: str = "zmq"  # "zmq" or "socket" (tcp:// or ipc://), or "ucx" (ucx://HOST:PORT)
     bind_addr: str = "tcp://127.0.0.1:0"  # where the KV server listens (port 0: a free one)
     advertise_host: str | None = None  # the host peers dial, when it differs from the bind address'
     lease_ttl_s: float = 30.0
@@ -112,6 +112,11 @@ def make_transport(cfg: KVTransferConfig, engine: EngineCore, leases: LeaseTable
 
         server: KVBlockServer = UcxKVBlockServer(cfg.bind_addr, caches, leases, compat, lease_ttl_s=cfg.lease_ttl_s)
         client: KVBlockClient = UcxKVBlockClient(compat, timeout_s=cfg.pull_timeout_s)
+    elif cfg.transport == "socket":
+        from tandem.kv_transfer.socket_transport import SocketKVBlockClient, SocketKVBlockServer
+
+        server = SocketKVBlockServer(cfg.bind_addr, caches, leases, compat, lease_ttl_s=cfg.lease_ttl_s)
+        client = SocketKVBlockClient(compat, timeout_s=cfg.pull_timeout_s)
     else:
         from tandem.kv_transfer.zmq_transport import ZmqKVBlockClient, ZmqKVBlockServer
 

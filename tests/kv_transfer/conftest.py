@@ -1,5 +1,5 @@
-"""Transports under test: every transport test runs over ZeroMQ tcp, ZeroMQ ipc, and UCX where
-`ucxx` imports."""
+"""Transports under test: every transport test runs over ZeroMQ tcp and ipc, plain sockets (TCP
+and Unix), and UCX where `ucxx` imports."""
 
 from __future__ import annotations
 
@@ -46,28 +46,35 @@ class Transport:
             except Exception as exc:  # installed but unusable here (no usable interface, ...)
                 pytest.skip(f"ucxx imports but UCX does not start: {exc}")
             self.mod = ucx_transport
+        elif name.startswith("socket"):
+            from tandem.kv_transfer import socket_transport
+            self.mod = socket_transport
         else:
             pytest.importorskip("zmq")
             from tandem.kv_transfer import zmq_transport
             self.mod = zmq_transport
 
     def addr(self) -> str:
-        if self.name == "zmq-tcp":
+        if self.name in ("zmq-tcp", "socket-tcp"):
             return "tcp://127.0.0.1:0"
-        if self.name == "zmq-ipc":
+        if self.name in ("zmq-ipc", "socket-unix"):
             return f"ipc://{self.tmp_path}/kv.sock"
         return "ucx://127.0.0.1:0"
 
+    @property
+    def classes(self):
+        prefix = {"ucx": "Ucx", "socket": "Socket"}.get(self.name.split("-")[0], "Zmq")
+        return getattr(self.mod, f"{prefix}KVBlockServer"), getattr(self.mod, f"{prefix}KVBlockClient")
+
     def server(self, kv, leases, compat=COMPAT, clock=None):
-        cls = self.mod.UcxKVBlockServer if self.name == "ucx" else self.mod.ZmqKVBlockServer
+        cls = self.classes[0]
         kwargs = {"clock": clock} if clock is not None else {}
         return cls(self.addr(), kv, leases, compat, **kwargs).start()
 
     def client(self, compat=COMPAT, timeout_s=5.0):
-        cls = self.mod.UcxKVBlockClient if self.name == "ucx" else self.mod.ZmqKVBlockClient
-        return cls(compat, timeout_s=timeout_s)
+        return self.classes[1](compat, timeout_s=timeout_s)
 
 
-@pytest.fixture(params=["zmq-tcp", "zmq-ipc", "ucx"])
+@pytest.fixture(params=["zmq-tcp", "zmq-ipc", "socket-tcp", "socket-unix", "ucx"])
 def transport(request, tmp_path):
     return Transport(request.param, tmp_path)

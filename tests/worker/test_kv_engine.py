@@ -151,11 +151,15 @@ def test_a_cached_prefix_is_not_pulled_again(tiny_models, kv_pair):
     assert decode.stats.local_hit_blocks >= sum(len(p) // BS for p in prompts)
 
 
-@pytest.mark.parametrize("transport", ["zmq-ipc", "ucx"])
+@pytest.mark.parametrize("transport", ["zmq-ipc", "socket-tcp", "socket-unix", "ucx"])
 def test_other_transports(transport, tiny_models, kv_pair, tmp_path):
     if transport == "ucx":
         pytest.importorskip("ucxx")
         kw = dict(transport="ucx", bind="ucx://127.0.0.1:0")
+    elif transport == "socket-tcp":
+        kw = dict(transport="socket")
+    elif transport == "socket-unix":
+        kw = dict(transport="socket", bind=f"ipc://{tmp_path}/ROLE.kv")
     else:
         kw = dict(bind=f"ipc://{tmp_path}/ROLE.kv")
     folder = tiny_models["qwen3"][0]

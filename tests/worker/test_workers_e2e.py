@@ -65,7 +65,7 @@ def assert_idle(*workers) -> None:
         assert s.num_used_blocks == 0 and s.num_running == 0 and s.num_waiting == 0, (w.info["role"], s)
 
 
-@pytest.mark.parametrize("transport", ["zmq", "ucx"])
+@pytest.mark.parametrize("transport", ["zmq", "socket", "ucx"])
 def test_prefill_then_decode_equals_monolithic(transport, model, expected, workers):
     if transport == "ucx":
         pytest.importorskip("ucxx")
