@@ -60,7 +60,7 @@ class SamplingMetadata:
         for p, out in zip(params, output_token_ids):
             # min_tokens blocks eos and stop ids even with ignore_eos.
             if len(out) < p.min_tokens:
-                stop_ids = eos | set(p.all_stop_token_ids) | set(p.stop_token_ids or ())
+                stop_ids = eos | set(p.stop_token_ids or ())
                 suppressed.append(sorted(stop_ids))
             else:
                 suppressed.append([])

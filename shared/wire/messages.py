@@ -199,7 +199,7 @@ def decode_msg(frames: Frames) -> Any:
 
 # --- sampling params ------------------------------------------------------------------------------
 
-_PARAM_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams) if f.name != "all_stop_token_ids")
+_PARAM_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 
 def params_to_wire(params: SamplingParams) -> dict[str, Any]:

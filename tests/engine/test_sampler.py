@@ -190,10 +190,9 @@ def test_min_tokens_suppresses_eos_and_stop_ids() -> None:
     sampler = Sampler()
     assert sampler(logits, _meta([params], outputs=[[1]], eos=2)).token_ids == [4]
     assert sampler(logits, _meta([params], outputs=[[1, 1, 1]], eos=2)).token_ids == [2]
-    # all_stop_token_ids (filled by the engine) are suppressed too.
+    # The model's eos ids are suppressed too, without ignore_eos and without stop ids.
     params2 = SamplingParams(temperature=0.0, min_tokens=3)
-    params2.all_stop_token_ids = {2}
-    assert sampler(logits, _meta([params2])).token_ids == [9]
+    assert sampler(logits, _meta([params2], eos=2)).token_ids == [9]
 
 
 def test_same_seed_same_tokens_different_seeds_differ() -> None:
