@@ -351,7 +351,8 @@ class KVBlockSink:
 
     def write_layer(self, msg: KVBlocksMsg, targets: Sequence[FrameTarget], frames: Sequence[bytes | memoryview],
                     ) -> None:
-        """One layer's frames (2*R, with their targets from frame_targets): sizes checked, then copied."""
+        """Frames with their targets (from frame_targets; one layer's 2*R, or all): every size checked,
+        then copied."""
         if len(frames) != len(targets):
             raise KVTransferError("bad_message", f"{len(frames)} KV frames for a layer, expected {len(targets)}")
         for i, (target, frame) in enumerate(zip(targets, frames)):
@@ -367,13 +368,7 @@ class KVBlockSink:
         want = self.num_frames(msg)
         if len(frames) != want:
             raise KVTransferError("bad_message", f"{len(frames)} KV frames, expected {want}")
-        targets = self.frame_targets(msg, dest)
-        for i, (target, frame) in enumerate(zip(targets, frames)):
-            size = memoryview(frame).nbytes
-            if size != target.nbytes:
-                raise KVTransferError("bad_message", f"KV frame {i} of {size} bytes, expected {target.nbytes}")
-        for target, frame in zip(targets, frames):
-            target.scatter(np.frombuffer(frame, dtype=np.uint8))
+        self.write_layer(msg, self.frame_targets(msg, dest), frames)
         return len(msg.block_ids) * len(msg.layers) * 2 * msg.block_bytes
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-READY_PREFIX = "TANDEM_WORKER_READY "  # services/worker/main.py prints it (not imported: no zmq needed here)
+from tandem.services.worker import READY_PREFIX
 
 
 @dataclass

@@ -100,6 +100,20 @@ class RequestStream:
     def notify(self) -> None:
         self._updated.set()
 
+    def deliver(self, metrics: RequestMetrics | None, now: float) -> None:
+        """The state has new output: time it in the metrics (first token, next token, finished)
+        and wake the consumer."""
+        if metrics is not None:
+            if self.last_token_time is None:
+                metrics.on_first_token(now - self.arrival)
+            else:
+                metrics.on_next_token(now - self.last_token_time)
+            if self.state.num_unfinished == 0:
+                metrics.on_finished([c.output.finish_reason or "abort" for c in self.state.choices],
+                                    now - self.arrival)
+        self.last_token_time = now
+        self.notify()
+
     def fail(self, error: BaseException) -> None:
         self.error = error
         self._updated.set()
@@ -295,18 +309,8 @@ class ZmqEngineClient:
         now = time.monotonic()
         for state in processed.updated:
             stream = self._streams.get(state.request_id)
-            if stream is None:
-                continue
-            if self.metrics is not None:
-                if stream.last_token_time is None:
-                    self.metrics.on_first_token(now - stream.arrival)
-                else:
-                    self.metrics.on_next_token(now - stream.last_token_time)
-                if state.num_unfinished == 0:
-                    reasons = [c.output.finish_reason or "abort" for c in state.choices]
-                    self.metrics.on_finished(reasons, now - stream.arrival)
-            stream.last_token_time = now
-            stream.notify()
+            if stream is not None:
+                stream.deliver(self.metrics, now)
 
     def _on_stats(self, msg: StatsMsg) -> None:
         self._latest_stats = msg

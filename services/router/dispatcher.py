@@ -331,19 +331,8 @@ class ClusterEngineClient:
         now = time.monotonic()
         for state in processed.updated:
             req = self._requests.get(state.request_id)
-            if req is None:
-                continue
-            stream = req.stream
-            if self.metrics is not None:
-                if stream.last_token_time is None:
-                    self.metrics.on_first_token(now - stream.arrival)
-                else:
-                    self.metrics.on_next_token(now - stream.last_token_time)
-                if state.num_unfinished == 0:
-                    self.metrics.on_finished([c.output.finish_reason or "abort" for c in state.choices],
-                                             now - stream.arrival)
-            stream.last_token_time = now
-            stream.notify()
+            if req is not None:
+                req.stream.deliver(self.metrics, now)
 
     def _on_error(self, worker_id: str, msg: ErrorMsg) -> None:
         if msg.request_id is None:

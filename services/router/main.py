@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import uvicorn
@@ -27,7 +26,7 @@ from tandem.services.router.dispatcher import ClusterEngineClient
 from tandem.services.router.placement import POLICIES, Placement
 from tandem.services.router.redis_sync import RedisSync
 from tandem.services.router.state import ClusterView
-from tandem.services.serve.main import default_model_name
+from tandem.services.serve.main import GracefulServer, default_model_name
 from tandem.shared.config import EngineConfig
 from tandem.shared.models.hf_folder import load_tokenizer, resolve_model
 
@@ -118,13 +117,8 @@ async def _serve(config: RouterConfig) -> int:
         model = ServedModel(names, str(source.path), info.max_model_len, info.vocab_size, source.chat_template)
         metrics.registry.register(ClusterCollector(names[0], view, client, sync))
 
-        @asynccontextmanager
-        async def lifespan(app):
-            yield
-
-        app = build_app(client, tokenizer, model, api_key=config.api_key, version=__version__, metrics=metrics,
-                        lifespan=lifespan)
-        server = _Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+        app = build_app(client, tokenizer, model, api_key=config.api_key, version=__version__, metrics=metrics)
+        server = GracefulServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                                         timeout_graceful_shutdown=5))
         await server.serve()
         return 0 if server.started else 1
@@ -149,16 +143,6 @@ async def _first_model_info(client: ClusterEngineClient, sync: RedisSync) -> Non
             except Exception as exc:  # not reachable yet: the next one, or again shortly
                 logger.info("worker %s did not answer yet: %s", worker.worker_id, exc)
         await asyncio.sleep(0.2)
-
-
-class _Server(uvicorn.Server):
-    """A signal means "shut down gracefully" (see services/serve/main.py)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        with super().capture_signals():
-            yield
-            self._captured_signals.clear()
 
 
 def config_from_args(args, env: Mapping[str, str]) -> RouterConfig:

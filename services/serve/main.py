@@ -101,7 +101,7 @@ async def _serve(config: ServeConfig) -> int:
         logger.info("engine %s ready: max_model_len=%d, %d KV blocks of %d tokens", info.engine_id,
                     info.max_model_len, info.num_kv_blocks, info.block_size)
         model = ServedModel(names, str(source.path), info.max_model_len, info.vocab_size, source.chat_template)
-        server: _Server | None = None
+        server: GracefulServer | None = None
 
         def on_engine_exit() -> None:  # the watchdog: the process sentinel became readable
             loop.remove_reader(proc.sentinel)
@@ -124,7 +124,7 @@ async def _serve(config: ServeConfig) -> int:
         uv_config = uvicorn.Config(
             app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=5,
         )
-        server = _Server(uv_config)
+        server = GracefulServer(uv_config)
         await server.serve()
         if client.dead_reason is not None:
             return EXIT_ENGINE_DIED
@@ -139,7 +139,7 @@ async def _serve(config: ServeConfig) -> int:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-class _Server(uvicorn.Server):
+class GracefulServer(uvicorn.Server):
     """uvicorn re-raises a captured SIGINT/SIGTERM once it has shut down, which would kill this
     process before it stops the engine and removes its sockets; here the signal only means
     "shut down gracefully", and `run` returns an exit code."""

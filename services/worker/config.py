@@ -25,7 +25,6 @@ class WorkerConfig:
     zmq_port: int  # requests (ROUTER)
     kv: KVTransferConfig
     redis_url: str | None = None
-    heartbeat_s: float = 1.0
     log_level: str = "info"
 
     def __post_init__(self) -> None:

@@ -263,7 +263,7 @@ class KVEngine:
     def _pull(self, request_id: str, handoff: HandoffRecord, num_local: int, dest_ids: list[int]) -> None:
         """On a transfer thread: pull, release the lease, report."""
         try:
-            if handoff.compat_hash != self.compat_hash:
+            if handoff.compat_hash != self.compat_hash:  # before plan_pull reads its geometry
                 raise KVTransferError("compat_mismatch", f"handoff from {handoff.engine_id}")
             plan = self.consumer.plan_pull(handoff, num_local)
             if len(plan.remote_block_ids) != len(dest_ids):

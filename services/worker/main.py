@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import zmq
 
+from tandem.services.worker import READY_PREFIX
 from tandem.services.worker.config import WorkerConfig
 from tandem.services.worker.kv_engine import KVEngine
 from tandem.services.worker.loop import WorkerLoop
@@ -30,8 +31,6 @@ if TYPE_CHECKING:  # redis (the router extra) is imported only when a Redis URL 
     from tandem.services.worker.redis_agent import RedisAgent
 
 logger = logging.getLogger("tandem.worker")
-
-READY_PREFIX = "TANDEM_WORKER_READY "
 
 
 def run(config: WorkerConfig) -> int:

@@ -45,6 +45,20 @@ def _configure(sock: zmq.Socket, addr: str, bind: bool) -> str:
     return addr
 
 
+def _send_now(sock: zmq.Socket, frames: list, unavailable: str) -> None:
+    """Queue a message without blocking; PeerUnavailable(`unavailable`) if it cannot be queued."""
+    try:
+        result = sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=len(frames) == 1)
+    except zmq.Again:
+        raise PeerUnavailable(unavailable) from None
+    if isinstance(result, asyncio.Future):  # an asyncio socket answers with a done future
+        exc = result.exception()
+        if isinstance(exc, zmq.Again):
+            raise PeerUnavailable(unavailable)
+        if exc is not None:
+            raise exc
+
+
 class MsgPush:
     """The sending end (blocking-free). `address` is the bound address (a real port for tcp ...:0)."""
 
@@ -53,17 +67,7 @@ class MsgPush:
         self.address = _configure(self.socket, addr, bind)
 
     def send(self, msg: Any) -> None:
-        frames = encode_msg(msg)
-        try:
-            result = self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=len(frames) == 1)
-        except zmq.Again:
-            raise PeerUnavailable(f"no peer on {self.address}") from None
-        if isinstance(result, asyncio.Future):  # an asyncio socket answers with a done future
-            exc = result.exception()
-            if isinstance(exc, zmq.Again):
-                raise PeerUnavailable(f"no peer on {self.address}")
-            if exc is not None:
-                raise exc
+        _send_now(self.socket, encode_msg(msg), f"no peer on {self.address}")
 
     def close(self) -> None:
         self.socket.close()
@@ -152,13 +156,7 @@ class MsgDealer:
         self.address = _configure(self.socket, addr, bind=False)
 
     def send(self, msg: Any) -> None:
-        frames = encode_msg(msg)
-        try:
-            result = self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=len(frames) == 1)
-        except zmq.Again:
-            raise PeerUnavailable(f"no worker on {self.address}") from None
-        if isinstance(result, asyncio.Future) and isinstance(result.exception(), zmq.Again):
-            raise PeerUnavailable(f"no worker on {self.address}")
+        _send_now(self.socket, encode_msg(msg), f"no worker on {self.address}")
 
     def poll(self, timeout_ms: int) -> bool:
         return bool(self.socket.poll(timeout_ms, zmq.POLLIN))

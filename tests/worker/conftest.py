@@ -20,8 +20,8 @@ import pytest
 
 pytest.importorskip("zmq")
 
+from tandem.services.worker import READY_PREFIX  # noqa: E402
 from tandem.services.worker.client import WorkerClient  # noqa: E402
-from tandem.services.worker.main import READY_PREFIX  # noqa: E402
 from tandem.shared.wire.messages import EngineOutputsMsg, ErrorMsg, HandoffRecord  # noqa: E402
 
 WORKER_ARGS = ["--dtype", "float32", "--block-size", "4", "--max-num-batched-tokens", "24", "--max-model-len", "256",

@@ -25,7 +25,7 @@ from tests.worker.conftest import (
     prefill_all,
     wait_decoded,
 )
-from tests.worker.test_kv_engine import workload
+from tests.worker.test_kv_engine import run_monolithic, workload
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +40,7 @@ def expected(model):
                                            max_num_batched_tokens=24, max_model_len=256, num_kv_blocks=800)))
     prompts = workload(engine.model_config.vocab_size, n=32, seed=3)
     params = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True) for _ in prompts]
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, params[i])
-    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens[out.request_id].extend(out.new_token_ids)
-    return prompts, params, tokens
+    return prompts, params, run_monolithic(engine, prompts, params)
 
 
 def eventually(check, timeout_s: float = 3.0) -> bool:
