@@ -161,14 +161,21 @@ class SocketKVBlockClient(KVBlockClient):
             try:
                 _send_msg(sock, request)
                 msg = self.sink.check_reply(_recv_msg(sock), lease_id, block_ids, dest, layers)
-                # The header fixed every frame's size: receive straight into the cache where it can.
-                for target in self.sink.frame_targets(msg, dest):
-                    if target.inplace is not None:
-                        _recv_exact(sock, memoryview(target.inplace).cast("B"))
-                    else:
-                        buf = np.empty(target.nbytes, dtype=np.uint8)
-                        _recv_exact(sock, memoryview(buf))
-                        target.scatter(buf)
+                # The header fixed every frame's size: receive straight into the cache (or the
+                # layer's staging buffer) where it can.
+                landing = self.sink.landing(msg, dest)
+                try:
+                    for i in range(len(msg.layers)):
+                        for target in landing.targets(i):
+                            if target.inplace is not None:
+                                _recv_exact(sock, memoryview(target.inplace).cast("B"))
+                            else:
+                                buf = np.empty(target.nbytes, dtype=np.uint8)
+                                _recv_exact(sock, memoryview(buf))
+                                target.scatter(buf)
+                        landing.commit(i)
+                finally:
+                    landing.finish()  # also after a failure: no copy may land once the blocks are reused
             except TimeoutError:
                 raise KVTransferError("timeout", f"no complete reply from {addr} in {self.timeout_s}s") from None
             except (ConnectionError, OSError) as exc:

@@ -8,12 +8,15 @@ asked for, and only then writes the bytes into its own KV caches at its own bloc
 A transport (ZeroMQ, UCX) only moves one request frame one way and the reply frames back.
 
 KV caches are the runner's: per layer a (key, value) pair of contiguous
-[num_blocks, block_size, num_kv_heads, head_dim] tensors.
+[num_blocks, block_size, num_kv_heads, head_dim] tensors. CPU caches are read and written in place
+(numpy views); GPU caches go through staging.py (a gather per layer into a buffer: pinned host
+memory for host transports, device memory for UCX), with the same frames on the wire.
 """
 
 from __future__ import annotations
 
 import abc
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,8 +39,10 @@ from tandem.kv_transfer.messages import (
     decode_kv_msg,
     encode_kv_msg,
 )
+from tandem.kv_transfer.staging import LayerGather, StagedLanding
 
 KVCaches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+logger = logging.getLogger("tandem.kv_transfer")
 
 
 @dataclass(frozen=True)
@@ -152,14 +157,14 @@ def _check_runs(runs: object, block_ids: list[int]) -> list[list[int]]:
 
 
 class FrameTarget(NamedTuple):
-    """Where one reply frame (one run of one layer's K or V) lands: `table[ids]` of a destination
-    [num_blocks, block_bytes] view, and `inplace`, one contiguous view of those rows when the
-    destination ids are consecutive too (else None: receive into a buffer, then scatter)."""
+    """Where one reply frame (one run of one layer's K or V) lands: `inplace`, a contiguous buffer of
+    `nbytes` to receive it into (the cache's own rows when the destination ids are consecutive, or a
+    staging buffer), else None: receive into a buffer, then `scatter` it to `table[ids]`."""
 
     nbytes: int
-    table: np.ndarray
-    ids: list[int]
-    inplace: np.ndarray | None
+    table: np.ndarray | None
+    ids: list[int] | None
+    inplace: np.ndarray | torch.Tensor | None
 
     def scatter(self, data: np.ndarray) -> None:
         """Copy a received frame (uint8, `nbytes`) into the destination rows."""
@@ -180,23 +185,29 @@ class KVBlockSource:
 
     def __init__(
         self, kv_caches: KVCaches, leases: LeaseTable, compat_hash: str, clock: Callable[[], float] = time.time,
-        lease_ttl_s: float = 30.0,
+        lease_ttl_s: float = 30.0, device_frames: bool = False, stage: bool | None = None,
     ) -> None:
+        """`device_frames`: GPU caches' frames may stay device tensors (the transport reads device
+        memory); `stage`: gather every layer into a buffer (default: for GPU caches only)."""
         self.kv_caches = kv_caches
         self.lease_ttl_s = lease_ttl_s  # what a renew extends a lease by
         self.spec = KVSpec.of(kv_caches)
         self.leases = leases
         self.compat_hash = compat_hash
         self.clock = clock
-        self._rows = [(_block_rows(k), _block_rows(v)) for k, v in kv_caches]
+        on_cpu = kv_caches[0][0].device.type == "cpu"
+        self._gather = LayerGather(kv_caches, to_host=not device_frames) if (not on_cpu if stage is None else stage) \
+            else None
+        self._rows = [(_block_rows(k), _block_rows(v)) for k, v in kv_caches] if self._gather is None else []
 
     def serve(self, request: bytes | memoryview) -> list[bytes | memoryview]:
         """The reply frames to one request frame, flat; every refusal becomes a KVErrorMsg."""
         return [frame for message in self.serve_messages(request) for frame in message]
 
-    def serve_messages(self, request: bytes | memoryview) -> Iterator[list[bytes | memoryview]]:
+    def serve_messages(self, request: bytes | memoryview) -> Iterator[list[bytes | memoryview | torch.Tensor]]:
         """The reply as messages: [header], then one list of 2*R frames per layer (built lazily, so a
-        transport can send layer i while the frames of layer i+1 are gathered)."""
+        transport can send layer i while the frames of layer i+1 are gathered). Frames are host
+        buffers, or device tensors when built with `device_frames`."""
         try:
             header, layers = self._serve(request)
         except KVTransferError as exc:
@@ -206,9 +217,12 @@ class KVBlockSource:
             yield [encode_kv_msg(KVErrorMsg("internal_error", f"{type(exc).__name__}: {exc}"))]
             return
         yield [header]
-        yield from layers
+        try:
+            yield from layers
+        except Exception:  # after the header no error can be sent: the puller times out and recovers
+            logger.exception("a KV reply failed after its header")
 
-    def _serve(self, request: bytes | memoryview) -> tuple[bytes, Iterator[list[memoryview]]]:
+    def _serve(self, request: bytes | memoryview) -> tuple[bytes, Iterator[list[memoryview | torch.Tensor]]]:
         try:
             msg = decode_kv_msg(request)
         except WireError as exc:
@@ -235,6 +249,8 @@ class KVBlockSource:
             raise KVTransferError("bad_block", f"blocks {foreign[:4]} are not under lease {msg.lease_id[:8]}...")
         runs = reply_runs(block_ids)
         header = KVBlocksMsg(self.compat_hash, msg.lease_id, block_ids, layers, spec.block_bytes, runs)
+        if self._gather is not None:
+            return encode_kv_msg(header), self._gather.layer_frames(layers, block_ids, runs)
         # Per run: a slice of the cache if its blocks are consecutive there (zero copy), else the
         # ids to gather (one copy, on this thread).
         sources: list[slice | np.ndarray] = []
@@ -287,8 +303,12 @@ def check_lease_ack(header: bytes | memoryview, lease_id: str, action: str) -> f
 class KVBlockSink:
     """The pulling half: builds requests and writes checked replies into local KV caches."""
 
-    def __init__(self, compat_hash: str) -> None:
+    def __init__(self, compat_hash: str, device_frames: bool = False, stage: bool | None = None) -> None:
+        """`device_frames`: frames for GPU caches may land in device memory (the transport writes
+        device memory); `stage`: land every layer in a buffer first (default: for GPU caches only)."""
         self.compat_hash = compat_hash
+        self.device_frames = device_frames
+        self.stage = stage
 
     def request(self, lease_id: str, block_ids: list[int], dest: KVDest, layers: list[int] | None) -> bytes:
         spec = KVSpec.of(dest.kv_caches)
@@ -328,31 +348,16 @@ class KVBlockSink:
     def num_frames(self, msg: KVBlocksMsg) -> int:
         return 2 * len(msg.runs) * len(msg.layers)
 
-    def frame_targets(self, msg: KVBlocksMsg, dest: KVDest) -> list[FrameTarget]:
-        """Where each reply frame lands, in frame order (for each layer, for each run: K, V)."""
-        runs = []  # per run: (nbytes, destination ids, first id if they are consecutive else None)
-        for first, length in msg.runs:
-            ids = list(dest.block_ids[first:first + length])
-            consecutive = all(ids[i + 1] == ids[i] + 1 for i in range(length - 1))
-            runs.append((length * msg.block_bytes, ids, ids[0] if consecutive else None))
-        targets = []
-        for layer in msg.layers:
-            key_rows, value_rows = _block_rows(dest.kv_caches[layer][0]), _block_rows(dest.kv_caches[layer][1])
-            for nbytes, ids, start in runs:
-                for rows in (key_rows, value_rows):
-                    if start is None:
-                        inplace = None
-                    elif len(ids) == 1:
-                        inplace = rows[start]
-                    else:
-                        inplace = rows[start:start + len(ids)].reshape(-1)
-                    targets.append(FrameTarget(nbytes, rows, ids, inplace))
-        return targets
+    def landing(self, msg: KVBlocksMsg, dest: KVDest) -> Landing:
+        """Where a checked reply's frames land, layer by layer."""
+        on_cpu = dest.kv_caches[0][0].device.type == "cpu"
+        if on_cpu if self.stage is None else not self.stage:
+            return DirectLanding(msg, dest)
+        return StagedFrames(msg, dest, self.device_frames)
 
     def write_layer(self, msg: KVBlocksMsg, targets: Sequence[FrameTarget], frames: Sequence[bytes | memoryview],
                     ) -> None:
-        """Frames with their targets (from frame_targets; one layer's 2*R, or all): every size checked,
-        then copied."""
+        """Frames with their targets (one layer's 2*R, or all): every size checked, then copied."""
         if len(frames) != len(targets):
             raise KVTransferError("bad_message", f"{len(frames)} KV frames for a layer, expected {len(targets)}")
         for i, (target, frame) in enumerate(zip(targets, frames)):
@@ -368,8 +373,83 @@ class KVBlockSink:
         want = self.num_frames(msg)
         if len(frames) != want:
             raise KVTransferError("bad_message", f"{len(frames)} KV frames, expected {want}")
-        self.write_layer(msg, self.frame_targets(msg, dest), frames)
+        sizes = [length * msg.block_bytes for _ in msg.layers for _, length in msg.runs for _ in (0, 1)]
+        for i, (frame, size) in enumerate(zip(frames, sizes)):  # all of them before a byte is written
+            if (got := memoryview(frame).nbytes) != size:
+                raise KVTransferError("bad_message", f"KV frame {i} of {got} bytes, expected {size}")
+        landing = self.landing(msg, dest)
+        per_layer = 2 * len(msg.runs)
+        for i in range(len(msg.layers)):
+            self.write_layer(msg, landing.targets(i), frames[i * per_layer:(i + 1) * per_layer])
+            landing.commit(i)
+        landing.finish()
         return len(msg.block_ids) * len(msg.layers) * 2 * msg.block_bytes
+
+
+class Landing(abc.ABC):
+    """Where one pull's frames land. A transport, for each layer i of the reply (in order): receives
+    the frames into `targets(i)` (in frame order: for each run, K then V), then calls `commit(i)`;
+    after the last layer, `finish()`, which returns once the destination blocks hold the bytes."""
+
+    @abc.abstractmethod
+    def targets(self, i: int) -> list[FrameTarget]: ...
+
+    def commit(self, i: int) -> None:  # noqa: B027 (optional hook)
+        pass
+
+    def finish(self) -> None:  # noqa: B027 (optional hook)
+        pass
+
+
+class DirectLanding(Landing):
+    """CPU caches: frames land in the cache's own rows (consecutive destination ids) or are scattered."""
+
+    def __init__(self, msg: KVBlocksMsg, dest: KVDest) -> None:
+        self.msg, self.dest = msg, dest
+        self.runs = []  # per run: (nbytes, destination ids, first id if they are consecutive else None)
+        for first, length in msg.runs:
+            ids = list(dest.block_ids[first:first + length])
+            consecutive = all(ids[i + 1] == ids[i] + 1 for i in range(len(ids) - 1))
+            self.runs.append((len(ids) * msg.block_bytes, ids, ids[0] if consecutive else None))
+
+    def targets(self, i: int) -> list[FrameTarget]:
+        layer = self.msg.layers[i]
+        key_rows, value_rows = _block_rows(self.dest.kv_caches[layer][0]), _block_rows(self.dest.kv_caches[layer][1])
+        targets = []
+        for nbytes, ids, start in self.runs:
+            for rows in (key_rows, value_rows):
+                if start is None:
+                    inplace = None
+                elif len(ids) == 1:
+                    inplace = rows[start]
+                else:
+                    inplace = rows[start:start + len(ids)].reshape(-1)
+                targets.append(FrameTarget(nbytes, rows, ids, inplace))
+        return targets
+
+
+class StagedFrames(Landing):
+    """GPU caches (staging.StagedLanding): every frame lands in a per-layer buffer, committed per layer."""
+
+    def __init__(self, msg: KVBlocksMsg, dest: KVDest, device_frames: bool) -> None:
+        self.msg = msg
+        self.staged = StagedLanding(dest.kv_caches, list(dest.block_ids), msg.block_bytes, on_device=device_frames)
+
+    def targets(self, i: int) -> list[FrameTarget]:
+        buf = self.staged.buffer(self.msg.layers[i])  # [2, n, block_bytes]
+        view = buf.numpy() if buf.device.type == "cpu" else buf
+        targets = []
+        for first, length in self.msg.runs:
+            for kv in (0, 1):
+                targets.append(FrameTarget(length * self.msg.block_bytes, None, None,
+                                           view[kv, first:first + length].reshape(-1)))
+        return targets
+
+    def commit(self, i: int) -> None:
+        self.staged.commit(self.msg.layers[i])
+
+    def finish(self) -> None:
+        self.staged.finish()
 
 
 class KVBlockServer(abc.ABC):

@@ -10,17 +10,21 @@ On one endpoint, a pull is length-prefixed messages:
                        each run of blocks: K, V), each length * block_bytes
 The client checks the header before it posts a single receive, then receives each frame
 straight into its own KV cache when the run's destination blocks are consecutive too, else into
-a buffer it copies from per block.
+a buffer it copies from per block. GPU caches: frames are sent from and received into device
+memory (UCX moves them with cuda_ipc between GPUs of one host, cuda_copy otherwise), or staged
+through pinned host memory with TANDEM_UCX_DEVICE_MEMORY=0 (see staging.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable
 
 import numpy as np
+import torch
 
 try:
     import ucxx
@@ -49,6 +53,9 @@ class UcxRuntime:
     _default_lock = threading.Lock()
 
     def __init__(self) -> None:
+        # UCX finds its CUDA transports through the context current at init: a process that already
+        # uses a GPU makes that device's current on the loop thread first.
+        self.cuda_device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="ucx-runtime", daemon=True)
         self._thread.start()
@@ -62,6 +69,9 @@ class UcxRuntime:
             return cls._default
 
     async def _init(self) -> None:
+        if self.cuda_device is not None:
+            torch.cuda.set_device(self.cuda_device)
+            torch.cuda.synchronize()  # creates the context on this thread
         ucxx.init()
 
     def run(self, coro, timeout: float | None = None):
@@ -91,9 +101,11 @@ class UcxKVBlockServer(KVBlockServer):
     def __init__(
         self, addr: str, kv_caches: KVCaches, leases: LeaseTable, compat_hash: str,
         clock: Callable[[], float] = time.time, runtime: UcxRuntime | None = None, lease_ttl_s: float = 30.0,
+        device_memory: bool | None = None,
     ) -> None:
         host, port = _parse(addr)
-        self.source = KVBlockSource(kv_caches, leases, compat_hash, clock, lease_ttl_s)
+        device_memory = device_memory_default() if device_memory is None else device_memory
+        self.source = KVBlockSource(kv_caches, leases, compat_hash, clock, lease_ttl_s, device_frames=device_memory)
         self.runtime = runtime or UcxRuntime.default()
         self._host, self._port = host, port
         self._listener = None
@@ -121,7 +133,7 @@ class UcxKVBlockServer(KVBlockServer):
                 (header,) = next(messages)
                 await _send_msg(ep, header)
                 for frames in messages:  # per layer: views of the leased blocks, or gathered copies
-                    await asyncio.gather(*(ep.send(np.asarray(frame)) for frame in frames))
+                    await asyncio.gather(*(ep.send(_wire_buffer(frame)) for frame in frames))
         except Exception:  # the peer closed or died: nothing to answer
             return
         finally:
@@ -141,10 +153,11 @@ class UcxKVBlockServer(KVBlockServer):
 class UcxKVBlockClient(KVBlockClient):
     def __init__(
         self, compat_hash: str, timeout_s: float = 10.0, connect_timeout_s: float | None = None,
-        runtime: UcxRuntime | None = None,
+        runtime: UcxRuntime | None = None, device_memory: bool | None = None,
     ) -> None:
         self.compat_hash = compat_hash
-        self.sink = KVBlockSink(compat_hash)
+        device_memory = device_memory_default() if device_memory is None else device_memory
+        self.sink = KVBlockSink(compat_hash, device_frames=device_memory)
         self.timeout_s = timeout_s
         self.connect_timeout_s = timeout_s if connect_timeout_s is None else connect_timeout_s
         self.runtime = runtime or UcxRuntime.default()
@@ -199,16 +212,30 @@ class UcxKVBlockClient(KVBlockClient):
         msg = self.sink.check_reply(await _recv_msg(ep), lease_id, block_ids, dest, layers)
         # The header fixed every frame's size before any receive. One layer's receives are posted
         # at once (UCX matches them in order): one await per frame would leave the wire idle.
-        targets = self.sink.frame_targets(msg, dest)
-        per_layer = 2 * len(msg.runs)
-        for first in range(0, len(targets), per_layer):
-            layer = targets[first:first + per_layer]
-            bufs = [t.inplace if t.inplace is not None else np.empty(t.nbytes, dtype=np.uint8) for t in layer]
-            await asyncio.gather(*(ep.recv(buf) for buf in bufs))  # straight into the cache where it can
-            for target, buf in zip(layer, bufs):
-                if target.inplace is None:
-                    target.scatter(buf)
+        landing = self.sink.landing(msg, dest)
+        try:
+            for i in range(len(msg.layers)):
+                layer = landing.targets(i)
+                bufs = [t.inplace if t.inplace is not None else np.empty(t.nbytes, dtype=np.uint8) for t in layer]
+                await asyncio.gather(*(ep.recv(buf) for buf in bufs))  # straight into the cache where it can
+                for target, buf in zip(layer, bufs):
+                    if target.inplace is None:
+                        target.scatter(buf)
+                landing.commit(i)
+        finally:
+            landing.finish()  # also after a failure: no copy may land once the blocks are reused
         return 2 * len(msg.block_ids) * len(msg.layers) * msg.block_bytes, len(msg.layers)
+
+
+def device_memory_default() -> bool:
+    """Whether GPU caches' frames travel from and to device memory (UCX cuda_copy / cuda_ipc):
+    yes unless TANDEM_UCX_DEVICE_MEMORY=0 (then they are staged through pinned host memory)."""
+    return os.environ.get("TANDEM_UCX_DEVICE_MEMORY", "1") != "0"
+
+
+def _wire_buffer(frame) -> np.ndarray | torch.Tensor:
+    """What ucxx sends: device tensors as they are (__cuda_array_interface__), host buffers as arrays."""
+    return frame if isinstance(frame, torch.Tensor) else np.asarray(frame)
 
 
 def _parse(addr: str) -> tuple[str, int]:

@@ -106,11 +106,14 @@ class ZmqKVBlockClient(KVBlockClient):
             msg = self.sink.check_reply(header.buffer, lease_id, block_ids, dest, layers)
             if rest:
                 raise KVTransferError("bad_message", "the reply header came with extra frames")
-            targets = self.sink.frame_targets(msg, dest)
-            per_layer = 2 * len(msg.runs)
-            for i in range(len(msg.layers)):
-                frames = self._recv(sock, addr, deadline)
-                self.sink.write_layer(msg, targets[i * per_layer:(i + 1) * per_layer], [f.buffer for f in frames])
+            landing = self.sink.landing(msg, dest)
+            try:
+                for i in range(len(msg.layers)):
+                    frames = self._recv(sock, addr, deadline)
+                    self.sink.write_layer(msg, landing.targets(i), [f.buffer for f in frames])
+                    landing.commit(i)
+            finally:
+                landing.finish()  # also after a failure: no copy may land once the blocks are reused
         num_bytes = len(block_ids) * len(msg.layers) * 2 * msg.block_bytes
         return PullStats(len(block_ids), len(msg.layers), num_bytes, time.perf_counter() - t0)
 

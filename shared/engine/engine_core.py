@@ -65,6 +65,9 @@ class EngineCore:
         )
         mc = self.model_config
         self.device = torch.device(config.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            # Kernels (Triton's included), graphs and streams go to the current device: make it ours.
+            torch.cuda.set_device(self.device)
         self.model = build_model(self.source, mc, self.device, config.load_format)
         bs = config.block_size
         kv_bytes_per_block = bs * mc.kv_bytes_per_token(self.model.compute_dtype)

@@ -1,0 +1,135 @@
+"""Staged KV pulls (kv_transfer/staging.py): the path GPU caches take, a gather per layer into a
+buffer on the serving side and a buffer per layer committed into the cache on the pulling side.
+On CPU the same classes run with host buffers (forced with stage=True); on CUDA (GPU tests) the
+caches live on the GPU, frames go through pinned host memory or, for UCX, device memory."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+
+from tandem.kv_transfer.errors import KVTransferError
+from tandem.kv_transfer.leases import LeaseTable
+from tandem.kv_transfer.messages import KVPullMsg, encode_kv_msg
+from tandem.kv_transfer.transport import KVBlockSink, KVBlockSource, KVDest, reply_runs
+from tests.kv_transfer.conftest import COMPAT, Transport, random_kv, zeros_like_kv
+
+MODES = ["staged-cpu", "cuda", "cuda-ucx-host"]
+
+
+def on(kv, device):
+    return [(k.to(device), v.to(device)) for k, v in kv]
+
+
+def make_pair(transport: Transport, mode: str, src, leases):
+    """A started server over `src` and a client, both on the staged path of `mode`."""
+    server_cls, client_cls = transport.classes
+    extra = {}
+    if transport.name == "ucx":
+        extra = {"device_memory": mode == "cuda"}
+    server = server_cls(transport.addr(), src, leases, COMPAT, **extra)
+    client = client_cls(COMPAT, timeout_s=10.0, **extra)
+    if mode == "staged-cpu":
+        server.source = KVBlockSource(src, leases, COMPAT, stage=True)
+        client.sink = KVBlockSink(COMPAT, stage=True)
+    return server.start(), client
+
+
+@pytest.fixture(params=MODES)
+def mode(request):
+    if request.param.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return request.param
+
+
+def device_of(mode: str) -> str:
+    return "cpu" if mode == "staged-cpu" else "cuda"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_staged_round_trip_with_every_kind_of_run(transport, mode, dtype):
+    """Long consecutive runs (views on the direct path), short scattered ones (gathered), and
+    destination ids consecutive or not: every block lands where asked, nothing else is written."""
+    if mode == "cuda-ucx-host" and transport.name != "ucx":
+        pytest.skip("a UCX-only mode")
+    dev = device_of(mode)
+    src = on(random_kv(64, dtype), dev)
+    dst = on(zeros_like_kv(src, 48), dev)
+    rng = random.Random(1)
+    src_ids = list(range(10, 22)) + rng.sample(range(30, 64), 9) + [3, 4]
+    # A consecutive destination for the consecutive source run, scattered ones for the rest.
+    dst_ids = list(range(30, 42)) + rng.sample(sorted(set(range(48)) - set(range(30, 42))), len(src_ids) - 12)
+    leases = LeaseTable()
+    lease = leases.grant(src_ids, ttl=30, now=time.time())
+    server, client = make_pair(transport, mode, src, leases)
+    try:
+        stats = client.pull(server.address, lease.lease_id, src_ids, KVDest(dst, dst_ids))
+        untouched = sorted(set(range(48)) - set(dst_ids))
+        for layer in range(len(src)):
+            for kv in (0, 1):
+                assert torch.equal(dst[layer][kv][dst_ids], src[layer][kv][src_ids])
+                assert not dst[layer][kv][untouched].any()
+        assert stats.num_bytes == len(src_ids) * 3 * 2 * 4 * 2 * 8 * dtype.itemsize
+        # A second pull of some layers only, over the same server.
+        dst2 = on(zeros_like_kv(src, 48), dev)
+        client.pull(server.address, lease.lease_id, src_ids[:5], KVDest(dst2, [7, 1, 2, 3, 9]), layers=[2, 0])
+        for layer in (0, 2):
+            assert torch.equal(dst2[layer][0][[7, 1, 2, 3, 9]], src[layer][0][src_ids[:5]])
+        assert not dst2[1][0].any() and not dst2[1][1].any()
+    finally:
+        server.close()
+        client.close()
+
+
+def test_staged_failure_leaves_no_copy_in_flight(transport, mode):
+    """A refused pull (blocks not leased) writes nothing, on the staged path too."""
+    if mode == "cuda-ucx-host" and transport.name != "ucx":
+        pytest.skip("a UCX-only mode")
+    dev = device_of(mode)
+    src = on(random_kv(8), dev)
+    dst = on(zeros_like_kv(src, 8), dev)
+    leases = LeaseTable()
+    lease = leases.grant([0, 1], ttl=30, now=time.time())
+    server, client = make_pair(transport, mode, src, leases)
+    try:
+        with pytest.raises(KVTransferError) as err:
+            client.pull(server.address, lease.lease_id, [0, 5], KVDest(dst, [0, 1]))
+        assert err.value.code == "bad_block"
+        assert all(not k.any() and not v.any() for k, v in dst)
+    finally:
+        server.close()
+        client.close()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_gathered_frames_equal_the_direct_frames(device):
+    """The staged server's frames are byte for byte the in-place server's (same runs, same order)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    src = random_kv(40, torch.bfloat16)
+    leases = LeaseTable()
+    ids = [5, 6, 7, 8, 9, 10, 11, 12, 13, 30, 2, 17, 18]
+    lease = leases.grant(ids, ttl=30, now=time.time())
+    request = encode_kv_msg(KVPullMsg(COMPAT, lease.lease_id, ids, [1, 0]))
+    direct = KVBlockSource(src, leases, COMPAT).serve(request)
+    staged = KVBlockSource(on(src, device), leases, COMPAT, stage=True).serve(request)
+    assert reply_runs(ids) == [[0, 9], [9, 4]]  # a long consecutive run (a view), a gathered one
+    assert len(direct) == len(staged) == 1 + 2 * 2 * 2  # header + 2 layers x 2 runs x K, V
+    assert bytes(direct[0]) == bytes(staged[0])
+    for a, b in zip(direct[1:], staged[1:]):
+        assert bytes(a) == bytes(b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_frames_are_device_tensors():
+    src = on(random_kv(8), "cuda")
+    leases = LeaseTable()
+    lease = leases.grant([1, 3], ttl=30, now=time.time())
+    request = encode_kv_msg(KVPullMsg(COMPAT, lease.lease_id, [1, 3], None))
+    frames = KVBlockSource(src, leases, COMPAT, device_frames=True).serve(request)[1:]
+    assert all(isinstance(f, torch.Tensor) and f.is_cuda for f in frames)
+    assert torch.equal(frames[0].view(2, -1).cpu(), torch.stack([src[0][0][1], src[0][0][3]]).cpu()
+                       .view(torch.uint8).view(2, -1))
