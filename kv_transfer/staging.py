@@ -1,15 +1,21 @@
 """Staged KV frames: for caches a transport cannot read or write in place, i.e. GPU memory.
 
-Serving side (`LayerGather`): per layer, one gather of the requested blocks' K and V (in request
-order) into a fresh [2, n, block_bytes] buffer, on a side CUDA stream, then one copy into pinned
-host memory for a host transport (ZeroMQ, sockets), or none for a transport that reads device
-memory itself (UCX with cuda_copy / cuda_ipc). Layer i+1 is gathered while layer i is on the wire.
-A run's frame is a slice of that buffer, so the wire format is every transport's.
+Serving side (`LayerGather`): the requested layers are cut into groups of consecutive layers of at
+most GROUP_BYTES; per group, one gather of every layer's K and V blocks (in request order) into a
+fresh [layers, 2, n, block_bytes] buffer on a side CUDA stream, then one copy into pinned host
+memory for a host transport (ZeroMQ, sockets), or none for a transport that reads device memory
+itself (UCX with cuda_copy / cuda_ipc). Group g+1 is gathered while group g is on the wire. A run's
+frame is a slice of that buffer, so the wire format is every transport's.
 
-Pulling side (`StagedLanding`): per layer, the frames land in one [2, n, block_bytes] buffer (pinned
-host memory, or device memory for UCX), then one copy to the device and one scatter (index_copy_)
-into the cache's destination blocks, on a side stream; `finish` waits for that stream, so the pull
-is reported done only once the blocks hold the bytes.
+Pulling side (`StagedLanding`): frames land in one buffer per group (pinned host memory, or device
+memory for UCX); once a group's last layer has landed, one copy to the device and one scatter
+(index_copy_) into the destination blocks, on a side stream; `finish` waits for that stream, so the
+pull is reported done only once the blocks hold the bytes.
+
+Few calls, on purpose: these run on transfer threads beside the engine's thread, and every torch
+call gives up the GIL and must win it back (up to the switch interval while the engine runs Python).
+When the runner's caches are views of one allocation (`KVTables`), a group is one gather and one
+scatter, whatever its number of layers.
 
 Ordering: the served blocks are leased, so nothing writes them; their KV was written by a step whose
 sampled token the host had read before the handoff existed. The pulled-into blocks belong to a
@@ -27,10 +33,72 @@ import torch
 
 KVCaches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
+# At most this many bytes of a reply are staged at once (per group of layers).
+GROUP_BYTES = 128 << 20
+
 
 def block_table(cache: torch.Tensor) -> torch.Tensor:
     """A [num_blocks, block_bytes] uint8 view of a contiguous cache (any device, any dtype): no copy."""
     return cache.view(-1).view(torch.uint8).view(cache.shape[0], -1)
+
+
+class KVTables:
+    """The caches as [num_blocks, block_bytes] byte tables, and, when every layer's K and V are
+    consecutive views of one allocation (K0, V0, K1, V1, ...), one [2 * layers, num_blocks,
+    block_bytes] view of them all: a group of consecutive layers is then one slice of it."""
+
+    def __init__(self, kv_caches: KVCaches) -> None:
+        self.per_layer = [(block_table(k), block_table(v)) for k, v in kv_caches]
+        self.stacked = _stacked(kv_caches)
+
+    def gather(self, first: int, count: int, ids: torch.Tensor, out: torch.Tensor) -> None:
+        """out[i, kv] = layer (first + i)'s K (kv 0) or V (kv 1) rows `ids`; out: [count, 2, n, bb]."""
+        if self.stacked is not None:
+            flat = out.view(2 * count, *out.shape[2:])
+            torch.index_select(self.stacked[2 * first:2 * (first + count)], 1, ids, out=flat)
+            return
+        for i in range(count):
+            key, value = self.per_layer[first + i]
+            torch.index_select(key, 0, ids, out=out[i, 0])
+            torch.index_select(value, 0, ids, out=out[i, 1])
+
+    def scatter(self, first: int, count: int, ids: torch.Tensor, data: torch.Tensor) -> None:
+        """The inverse of gather: rows `ids` of layers first..first+count-1 from data [count, 2, n, bb]."""
+        if self.stacked is not None:
+            self.stacked[2 * first:2 * (first + count)].index_copy_(1, ids, data.view(2 * count, *data.shape[2:]))
+            return
+        for i in range(count):
+            key, value = self.per_layer[first + i]
+            key.index_copy_(0, ids, data[i, 0])
+            value.index_copy_(0, ids, data[i, 1])
+
+
+def _stacked(kv_caches: KVCaches) -> torch.Tensor | None:
+    key = kv_caches[0][0]
+    nbytes = key.numel() * key.element_size()
+    base = key.data_ptr()
+    storage = key.untyped_storage()
+    for layer, (k, v) in enumerate(kv_caches):
+        for j, t in enumerate((k, v)):
+            if t.data_ptr() != base + (2 * layer + j) * nbytes or t.untyped_storage().data_ptr() != storage.data_ptr():
+                return None
+    rows = key.shape[0]
+    return torch.empty(0, dtype=torch.uint8, device=key.device).set_(
+        storage, key.storage_offset() * key.element_size(), (2 * len(kv_caches), rows, nbytes // rows),
+    )
+
+
+def layer_groups(layers: list[int], layer_bytes: int, cap: int | None = None) -> list[tuple[int, int]]:
+    """`layers` (in reply order) as (first layer, count) groups of consecutive layers of at most
+    `cap` bytes (default GROUP_BYTES; at least one layer each)."""
+    per_group = max(1, (GROUP_BYTES if cap is None else cap) // max(layer_bytes, 1))
+    groups: list[tuple[int, int]] = []
+    for layer in layers:
+        if groups and layer == sum(groups[-1]) and groups[-1][1] < per_group:
+            groups[-1] = (groups[-1][0], groups[-1][1] + 1)
+        else:
+            groups.append((layer, 1))
+    return groups
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
@@ -46,75 +114,72 @@ def _ids_on(block_ids: list[int], device: torch.device, stream: torch.cuda.Strea
         return ids.to(device, non_blocking=True)
 
 
-class _Staged:
-    """One layer's buffer and the event after which it holds the bytes."""
-
-    def __init__(self, data: torch.Tensor, done: torch.cuda.Event | None) -> None:
-        self.data = data  # [2, n, block_bytes] uint8
-        self.done = done
-
-
 class LayerGather:
     """Serving side: `layer_frames` yields, per layer, the 2*R frames of a reply (see module doc)."""
 
     def __init__(self, kv_caches: KVCaches, to_host: bool = True) -> None:
-        self.tables = [(block_table(k), block_table(v)) for k, v in kv_caches]
+        self.tables = KVTables(kv_caches)
         self.device = kv_caches[0][0].device
+        self.block_bytes = self.tables.per_layer[0][0].shape[1]
         self.to_host = to_host or self.device.type == "cpu"
         self.stream = _side_stream(self.device)
 
     def layer_frames(self, layers: list[int], block_ids: list[int], runs: list[list[int]],
                      ) -> Iterator[list[memoryview | torch.Tensor]]:
         ids = _ids_on(block_ids, self.device, self.stream)
-        pending = self._launch(layers[0], ids) if layers else None
-        for i in range(len(layers)):
-            staged = pending
-            if i + 1 < len(layers):
-                pending = self._launch(layers[i + 1], ids)  # queued behind this one on the side stream
-            if staged.done is not None:
-                staged.done.synchronize()
-            yield self._frames(staged.data, runs)
+        groups = layer_groups(layers, 2 * len(block_ids) * self.block_bytes)
+        pending = self._launch(groups[0], ids) if groups else None
+        for g in range(len(groups)):
+            data, done = pending
+            if g + 1 < len(groups):
+                pending = self._launch(groups[g + 1], ids)  # queued behind this one on the side stream
+            if done is not None:
+                done.synchronize()
+            rows = data.numpy() if data.device.type == "cpu" else data  # numpy: its base keeps `data` alive
+            for i in range(groups[g][1]):
+                yield _frames(rows[i], runs)
 
-    def _launch(self, layer: int, ids: torch.Tensor) -> _Staged:
-        key, value = self.tables[layer]
+    def _launch(self, group: tuple[int, int], ids: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        first, count = group
+        shape = (count, 2, len(ids), self.block_bytes)
         if self.stream is None:
-            data = torch.stack((key.index_select(0, ids), value.index_select(0, ids)))
-            return _Staged(data, None)
+            data = torch.empty(shape, dtype=torch.uint8)
+            self.tables.gather(first, count, ids, data)
+            return data, None
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            data = torch.empty((2, len(ids), key.shape[1]), dtype=torch.uint8, device=self.device)
-            torch.index_select(key, 0, ids, out=data[0])
-            torch.index_select(value, 0, ids, out=data[1])
+            data = torch.empty(shape, dtype=torch.uint8, device=self.device)
+            self.tables.gather(first, count, ids, data)
             if self.to_host:
                 # The caching host allocator keeps the pinned block until this copy is done and the
                 # frames (which hold the tensor through their numpy base) are dropped by the transport.
-                host = torch.empty(data.shape, dtype=torch.uint8, pin_memory=True)
+                host = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
                 host.copy_(data, non_blocking=True)
                 data = host
             done = torch.cuda.Event()
             done.record(self.stream)
-        return _Staged(data, done)
+        return data, done
 
-    def _frames(self, data: torch.Tensor, runs: list[list[int]]) -> list[memoryview | torch.Tensor]:
-        frames: list[memoryview | torch.Tensor] = []
-        if data.device.type == "cpu":
-            rows = data.numpy()  # its base keeps `data` alive while a transport holds the frames
-            for first, length in runs:
-                frames.append(memoryview(rows[0, first:first + length].reshape(-1)))
-                frames.append(memoryview(rows[1, first:first + length].reshape(-1)))
-        else:
-            for first, length in runs:
-                frames.append(data[0, first:first + length].reshape(-1))
-                frames.append(data[1, first:first + length].reshape(-1))
-        return frames
+
+def _frames(layer_rows, runs: list[list[int]]) -> list:
+    """One layer's frames from its [2, n, bb] rows (numpy or a device tensor): per run, K then V."""
+    frames = []
+    numpy_rows = not isinstance(layer_rows, torch.Tensor)
+    for first, length in runs:
+        for kv in (0, 1):
+            frame = layer_rows[kv, first:first + length].reshape(-1)
+            frames.append(memoryview(frame) if numpy_rows else frame)
+    return frames
 
 
 class StagedLanding:
-    """Pulling side: per layer, buffers to receive the frames into, then `commit` them to the cache."""
+    """Pulling side: `buffer(layer)` is where a layer's frames land ([2, n, block_bytes]: K rows in
+    [0], V in [1]); `commit(layer)` once they have; `finish()` waits until all are in the cache.
+    `layers` is the reply's layer order; buffers are per group of consecutive layers."""
 
-    def __init__(self, kv_caches: KVCaches, dest_block_ids: list[int], block_bytes: int, on_device: bool = False,
-                 ) -> None:
+    def __init__(self, kv_caches: KVCaches, dest_block_ids: list[int], block_bytes: int, layers: list[int],
+                 on_device: bool = False) -> None:
         self.device = kv_caches[0][0].device
-        self.tables = [(block_table(k), block_table(v)) for k, v in kv_caches]
+        self.tables = KVTables(kv_caches)
         self.num_blocks = len(dest_block_ids)
         self.block_bytes = block_bytes
         self.on_device = on_device and self.device.type == "cuda"
@@ -123,34 +188,40 @@ class StagedLanding:
             # Work already queued on the device (a zeroing of fresh blocks) lands before ours.
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
         self.ids = _ids_on(dest_block_ids, self.device, self.stream)
-        self._buffers: dict[int, torch.Tensor] = {}
+        self.group_of: dict[int, tuple[int, int]] = {}
+        for group in layer_groups(layers, 2 * self.num_blocks * block_bytes):
+            for i in range(group[1]):
+                self.group_of[group[0] + i] = group
+        self._buffers: dict[tuple[int, int], torch.Tensor] = {}
 
     def buffer(self, layer: int) -> torch.Tensor:
-        """The [2, n, block_bytes] buffer that layer `layer`'s frames land in (K run frames in [0], V in [1])."""
-        shape = (2, self.num_blocks, self.block_bytes)
-        if self.on_device:
-            with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-                buf = torch.empty(shape, dtype=torch.uint8, device=self.device)
-        else:
-            buf = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        self._buffers[layer] = buf
-        return buf
+        group = self.group_of[layer]
+        buf = self._buffers.get(group)
+        if buf is None:
+            shape = (group[1], 2, self.num_blocks, self.block_bytes)
+            if self.on_device:
+                with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+                    buf = torch.empty(shape, dtype=torch.uint8, device=self.device)
+            else:
+                buf = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            self._buffers[group] = buf
+        return buf[layer - group[0]]
 
     def commit(self, layer: int) -> None:
-        """Layer `layer`'s frames have landed in its buffer: copy them into the destination blocks."""
-        buf = self._buffers.pop(layer)
-        key, value = self.tables[layer]
+        """Layer `layer`'s frames have landed; the group's last layer sends the group to the cache."""
+        group = self.group_of[layer]
+        if layer != group[0] + group[1] - 1:
+            return
+        buf = self._buffers.pop(group)
         if self.stream is None:
-            key.index_copy_(0, self.ids, buf[0])
-            value.index_copy_(0, self.ids, buf[1])
+            self.tables.scatter(group[0], group[1], self.ids, buf)
             return
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             # A pinned source is kept by the caching host allocator until this copy is done.
             data = buf if buf.device.type == "cuda" else buf.to(self.device, non_blocking=True)
-            key.index_copy_(0, self.ids, data[0])
-            value.index_copy_(0, self.ids, data[1])
+            self.tables.scatter(group[0], group[1], self.ids, data)
 
     def finish(self) -> None:
-        """Wait until every committed layer is in the cache."""
+        """Wait until every committed group is in the cache."""
         if self.stream is not None:
             self.stream.synchronize()

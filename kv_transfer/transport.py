@@ -429,11 +429,12 @@ class DirectLanding(Landing):
 
 
 class StagedFrames(Landing):
-    """GPU caches (staging.StagedLanding): every frame lands in a per-layer buffer, committed per layer."""
+    """GPU caches (staging.StagedLanding): frames land in a buffer per group of layers, committed per group."""
 
     def __init__(self, msg: KVBlocksMsg, dest: KVDest, device_frames: bool) -> None:
         self.msg = msg
-        self.staged = StagedLanding(dest.kv_caches, list(dest.block_ids), msg.block_bytes, on_device=device_frames)
+        self.staged = StagedLanding(dest.kv_caches, list(dest.block_ids), msg.block_bytes, list(msg.layers),
+                                    on_device=device_frames)
 
     def targets(self, i: int) -> list[FrameTarget]:
         buf = self.staged.buffer(self.msg.layers[i])  # [2, n, block_bytes]

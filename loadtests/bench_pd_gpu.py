@@ -199,8 +199,8 @@ def visible_gpu(index: int) -> str:
     return ids[index]
 
 
-def worker_cmd(args, command: list[str], name: str, transport: str | None, ipc_dir: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "tandem.cli", *command, args.model, "--device", args.device, "--dtype", args.dtype,
+def worker_cmd(args, command: list[str], name: str, transport: str | None, ipc_dir: Path, device: str) -> list[str]:
+    cmd = [sys.executable, "-m", "tandem.cli", *command, args.model, "--device", device, "--dtype", args.dtype,
            "--load-format", args.load_format, "--max-model-len", str(args.max_model_len),
            "--block-size", str(args.block_size), "--max-num-seqs", str(args.max_num_seqs),
            "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--kv-cache-memory", args.kv_cache_memory,
@@ -222,9 +222,12 @@ def start_workers(args, specs: list[tuple[str, list[str], int, str | None]], log
     try:
         for name, command, gpu, transport in specs:
             env = {**os.environ, **ALWAYS_ENV}
-            if args.device == "cuda":
+            device = args.device
+            if args.device == "cuda" and args.gpu_select == "visible":
                 env["CUDA_VISIBLE_DEVICES"] = visible_gpu(gpu)
-            workers.append(Worker(name, worker_cmd(args, command, name, transport, ipc_dir), env,
+            elif args.device == "cuda":
+                device = f"cuda:{gpu}"  # every GPU visible (UCX cuda_ipc maps the peer's memory)
+            workers.append(Worker(name, worker_cmd(args, command, name, transport, ipc_dir, device), env,
                                   log_dir / f"{name}.log"))
         for w in workers:
             w.wait_ready(deadline)
@@ -658,6 +661,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--load-format", default="dummy", choices=["auto", "dummy"])
     ap.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--gpu-select", default="visible", choices=["visible", "index"],
+                    help="visible: CUDA_VISIBLE_DEVICES names one GPU per worker; index: every worker sees every "
+                         "GPU and gets --device cuda:N")
     ap.add_argument("--prefill-gpu", type=int, default=0)
     ap.add_argument("--decode-gpu", type=int, default=1)
     ap.add_argument("--mono-gpu", type=int, default=0)

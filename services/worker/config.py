@@ -26,10 +26,15 @@ class WorkerConfig:
     kv: KVTransferConfig
     redis_url: str | None = None
     log_level: str = "info"
+    # The GIL switch interval: how long a KV transfer thread may wait for the engine's thread to let
+    # go of the GIL, per torch or socket call (Python's default is 5 ms).
+    switch_interval_ms: float = 0.5
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if not 0 < self.switch_interval_ms <= 100:
+            raise ValueError(f"switch_interval_ms must be in (0, 100], got {self.switch_interval_ms}")
         for name in ("port", "zmq_port"):
             value = getattr(self, name)
             if not 0 <= value < 65536:
@@ -58,6 +63,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-id", default=None)
     p.add_argument("--redis-url", default=None, help="register with this Redis (default: $TANDEM_REDIS_URL)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--gil-switch-interval-ms", type=float, default=0.5,
+                   help="Python's thread switch interval: how long a KV transfer thread waits at most for the "
+                        "engine thread to yield the GIL (Python's default: 5)")
 
 
 def _default_advertise_host(host: str) -> str:
@@ -99,4 +107,5 @@ def worker_config_from_args(args: argparse.Namespace, env: Mapping[str, str], ro
         kv=kv,
         redis_url=args.redis_url or env.get("TANDEM_REDIS_URL") or None,
         log_level=args.log_level,
+        switch_interval_ms=args.gil_switch_interval_ms,
     )

@@ -34,6 +34,7 @@ logger = logging.getLogger("tandem.worker")
 
 
 def run(config: WorkerConfig) -> int:
+    sys.setswitchinterval(config.switch_interval_ms / 1000)
     logging.basicConfig(level=config.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s [{config.worker_id}] %(name)s: %(message)s")
     ctx = zmq.Context()

@@ -179,11 +179,9 @@ class ModelRunner:
         self.backend = TritonAttentionBackend()
         shape = (num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         # Zeroed once: the kernels never read past a context's end, but a KV pull may land anywhere.
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=self.model.compute_dtype, device=dev),
-             torch.zeros(shape, dtype=self.model.compute_dtype, device=dev))
-            for _ in range(cfg.num_layers)
-        ]
+        # One allocation, K0 V0 K1 V1 ...: a KV transfer gathers or scatters many layers in one call.
+        whole = torch.zeros((cfg.num_layers, 2, *shape), dtype=self.model.compute_dtype, device=dev)
+        self.kv_caches = [(whole[layer, 0], whole[layer, 1]) for layer in range(cfg.num_layers)]
         self.num_zeroed_blocks = num_blocks
         self.step_stats: Counter[str] = Counter()
         max_tokens = max(max_num_batched_tokens, max_num_seqs)

@@ -41,6 +41,8 @@ class Transport:
             os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
             pytest.importorskip("ucxx", reason="ucxx not installed (pip install ucxx-cu12)")
             from tandem.kv_transfer import ucx_transport
+            if torch.cuda.is_available():  # UCX binds the GPU current at its init (as a worker's engine has)
+                torch.zeros(1, device="cuda")
             try:
                 ucx_transport.UcxRuntime.default()
             except Exception as exc:  # installed but unusable here (no usable interface, ...)

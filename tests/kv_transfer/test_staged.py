@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from tandem.kv_transfer import staging
 from tandem.kv_transfer.errors import KVTransferError
 from tandem.kv_transfer.leases import LeaseTable
 from tandem.kv_transfer.messages import KVPullMsg, encode_kv_msg
@@ -20,8 +21,12 @@ from tests.kv_transfer.conftest import COMPAT, Transport, random_kv, zeros_like_
 MODES = ["staged-cpu", "cuda", "cuda-ucx-host"]
 
 
-def on(kv, device):
-    return [(k.to(device), v.to(device)) for k, v in kv]
+def on(kv, device, stacked=False):
+    """The caches on `device`; stacked: as the runner allocates them, views of one tensor."""
+    if not stacked:
+        return [(k.to(device), v.to(device)) for k, v in kv]
+    whole = torch.stack([torch.stack([k, v]) for k, v in kv]).to(device)  # [layers, 2, blocks, ...]
+    return [(whole[layer, 0], whole[layer, 1]) for layer in range(len(kv))]
 
 
 def make_pair(transport: Transport, mode: str, src, leases):
@@ -49,15 +54,20 @@ def device_of(mode: str) -> str:
     return "cpu" if mode == "staged-cpu" else "cuda"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_staged_round_trip_with_every_kind_of_run(transport, mode, dtype):
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "stacked"), (torch.bfloat16, "separate"),
+                                          (torch.bfloat16, "stacked-groups")])
+def test_staged_round_trip_with_every_kind_of_run(transport, mode, dtype, layout, monkeypatch):
     """Long consecutive runs (views on the direct path), short scattered ones (gathered), and
-    destination ids consecutive or not: every block lands where asked, nothing else is written."""
+    destination ids consecutive or not: every block lands where asked, nothing else is written.
+    Caches as separate tensors or views of one (one gather per group); groups of one or two layers."""
     if mode == "cuda-ucx-host" and transport.name != "ucx":
         pytest.skip("a UCX-only mode")
+    if layout == "stacked-groups":  # a reply of 3 layers staged as groups of 2 + 1
+        monkeypatch.setattr(staging, "GROUP_BYTES", 2 * 2 * 23 * 4 * 2 * 8 * 2)
     dev = device_of(mode)
-    src = on(random_kv(64, dtype), dev)
-    dst = on(zeros_like_kv(src, 48), dev)
+    stacked = layout != "separate"
+    src = on(random_kv(64, dtype), dev, stacked)
+    dst = on(zeros_like_kv(src, 48), dev, stacked)
     rng = random.Random(1)
     src_ids = list(range(10, 22)) + rng.sample(range(30, 64), 9) + [3, 4]
     # A consecutive destination for the consecutive source run, scattered ones for the rest.
@@ -74,7 +84,7 @@ def test_staged_round_trip_with_every_kind_of_run(transport, mode, dtype):
                 assert not dst[layer][kv][untouched].any()
         assert stats.num_bytes == len(src_ids) * 3 * 2 * 4 * 2 * 8 * dtype.itemsize
         # A second pull of some layers only, over the same server.
-        dst2 = on(zeros_like_kv(src, 48), dev)
+        dst2 = on(zeros_like_kv(src, 48), dev, stacked)
         client.pull(server.address, lease.lease_id, src_ids[:5], KVDest(dst2, [7, 1, 2, 3, 9]), layers=[2, 0])
         for layer in (0, 2):
             assert torch.equal(dst2[layer][0][[7, 1, 2, 3, 9]], src[layer][0][src_ids[:5]])
@@ -133,3 +143,17 @@ def test_device_frames_are_device_tensors():
     assert all(isinstance(f, torch.Tensor) and f.is_cuda for f in frames)
     assert torch.equal(frames[0].view(2, -1).cpu(), torch.stack([src[0][0][1], src[0][0][3]]).cpu()
                        .view(torch.uint8).view(2, -1))
+
+
+def test_stacked_tables_and_layer_groups():
+    kv = on(random_kv(6), "cpu", stacked=True)
+    assert staging.KVTables(kv).stacked is not None
+    assert staging.KVTables(on(random_kv(6), "cpu")).stacked is None  # separate allocations
+    assert staging.KVTables(kv[::-1]).stacked is None  # views of one tensor, but not in layer order
+    tables = staging.KVTables(kv)
+    ids = torch.tensor([4, 1])
+    out = torch.empty((2, 2, 2, tables.per_layer[0][0].shape[1]), dtype=torch.uint8)
+    tables.gather(1, 2, ids, out)
+    assert torch.equal(out[1, 1], staging.block_table(kv[2][1])[[4, 1]])
+    assert staging.layer_groups([0, 1, 2, 3, 5, 4], 10, cap=25) == [(0, 2), (2, 2), (5, 1), (4, 1)]
+    assert staging.layer_groups([0, 1], 100, cap=10) == [(0, 1), (1, 1)]  # at least one layer a group

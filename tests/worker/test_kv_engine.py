@@ -230,3 +230,27 @@ def test_failed_pulls_recompute_over_local_hits_or_fail(policy, tiny_models, kv_
         assert all(e.code == 502 and "peer_gone" in e.message for e in result.errors)
     assert decode.engine.kv.pool.num_used_blocks == 0
     prefill.engine.free_blocks(prefill.producer.leases.expire_due(float("inf")))  # nobody will release them
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("transport", ["zmq", "socket", "ucx", "ucx-host"])
+def test_cuda_disaggregated_equals_monolithic(transport, tiny_models, kv_pair, monkeypatch):
+    """Engines on the GPU (Triton path, CUDA graphs, caches in one allocation): KV staged through pinned
+    memory (zmq, socket, ucx-host) or device memory (ucx); outputs equal the monolithic engine's."""
+    kw = {}
+    if transport.startswith("ucx"):
+        pytest.importorskip("ucxx")
+        monkeypatch.setenv("TANDEM_UCX_DEVICE_MEMORY", "0" if transport == "ucx-host" else "1")
+        kw = dict(transport="ucx", bind="ucx://127.0.0.1:0")
+    elif transport == "socket":
+        kw = dict(transport="socket")
+    folder = tiny_models["llama"][0]
+    mono = track(EngineCore(engine_config(folder, device="cuda")))
+    prefill, decode = kv_pair(folder, device="cuda", **kw)
+    prompts = workload(mono.model_config.vocab_size, n=16, seed=3)
+    params = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True) for _ in prompts]
+    got, _ = run_disaggregated(prefill, decode, prompts, params)
+    assert got == run_monolithic(mono, prompts, params)
+    assert decode.stats.pulls == len(prompts) and decode.stats.failed_pulls == 0 and decode.stats.bytes_pulled > 0
+    for w in (prefill, decode):
+        assert w.engine.kv.pool.num_used_blocks == 0
