@@ -8,7 +8,7 @@ import hashlib
 import msgpack
 
 KV_LAYOUT_VERSION = 1  # per layer, K and V caches of [num_blocks, block_size, num_kv_heads, head_dim]
-KV_PROTOCOL_VERSION = 4  # kv_transfer.messages (2: frame per run; 3: lease messages; 4: gathered runs)
+KV_PROTOCOL_VERSION = 5  # kv_transfer.messages (2: frame per run; 3: lease messages; 4: gathered runs; 5: groups)
 
 
 def compat_hash(

@@ -14,11 +14,14 @@ into block_ids, length], covering every requested block once. A run's frame hold
 one layer's K (or V) in that order, exactly `length * block_bytes` bytes, block_bytes = block_size *
 num_kv_heads * head_dim * itemsize. The server sends a run that is consecutive in its cache as a
 zero-copy view, and gathers short scattered stretches into one copied frame (transport.reply_runs).
+A server that stages its caches (GPU memory, kv_transfer/staging.py) sends instead one frame per
+group of consecutive layers (`groups`: the layer count of each): [count][K, V][blocks][block_bytes],
+the blocks in request order; few large frames, so a pull costs few calls on either side.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tandem.shared.wire.codec import WireError, decode, encode
@@ -44,6 +47,9 @@ class KVBlocksMsg:
     layers: list[int]  # resolved: never None
     block_bytes: int  # bytes of one block of one layer's K (or V)
     runs: list[list[int]]  # [first index into block_ids, length] per frame pair, see the module doc
+    # Empty: frames per run (above). Else the reply is one frame per group of consecutive entries of
+    # `layers`, these many each: [count][K, V][block in request order][block_bytes] (staged caches).
+    groups: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ one more copy (into the cache) than the wire does; here the puller receives each
 scatters), like the UCX transport. The messages are the same as every transport's:
     client -> server   u64 size, KVPullMsg | KVLeaseMsg
     server -> client   u64 size, KVBlocksMsg | KVErrorMsg | KVLeaseAckMsg, then for a KVBlocksMsg
-                       2*R*L raw frames (for each layer, for each run: K, V), each length * block_bytes
+                       2*R*L raw frames (for each layer, for each run: K, V), each length * block_bytes,
+                       or one frame per group of layers (staged caches; KVBlocksMsg.groups)
 The header fixes every frame's size before a byte of them is received.
 """
 
@@ -53,9 +54,16 @@ def _parse(addr: str) -> tuple[int, object]:
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    """Fill `view`. On a blocking socket with SO_RCVTIMEO (the client's) one MSG_WAITALL call takes
+    a whole frame: one release of the GIL instead of one per socket buffer (the engine's thread
+    holds the GIL most of the time, so each taking back can wait)."""
     got = 0
+    flags = socket.MSG_WAITALL if sock.gettimeout() is None else 0
     while got < len(view):
-        n = sock.recv_into(view[got:])
+        try:
+            n = sock.recv_into(view[got:], 0, flags)
+        except BlockingIOError:  # SO_RCVTIMEO ran out with nothing received
+            raise TimeoutError("receive timed out") from None
         if n == 0:
             raise ConnectionError("the peer closed the connection")
         got += n
@@ -165,18 +173,18 @@ class SocketKVBlockClient(KVBlockClient):
                 # layer's staging buffer) where it can.
                 landing = self.sink.landing(msg, dest)
                 try:
-                    for i in range(len(msg.layers)):
-                        for target in landing.targets(i):
+                    for u in range(landing.num_units):  # a layer's run frames, or a group's one frame
+                        for target in landing.unit_targets(u):
                             if target.inplace is not None:
                                 _recv_exact(sock, memoryview(target.inplace).cast("B"))
                             else:
                                 buf = np.empty(target.nbytes, dtype=np.uint8)
                                 _recv_exact(sock, memoryview(buf))
                                 target.scatter(buf)
-                        landing.commit(i)
+                        landing.commit_unit(u)
                 finally:
                     landing.finish()  # also after a failure: no copy may land once the blocks are reused
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_SNDTIMEO / SO_RCVTIMEO ran out
                 raise KVTransferError("timeout", f"no complete reply from {addr} in {self.timeout_s}s") from None
             except (ConnectionError, OSError) as exc:
                 raise KVTransferError("peer_gone", f"connection to {addr} failed: {exc}") from None
@@ -188,14 +196,19 @@ class SocketKVBlockClient(KVBlockClient):
             try:
                 _send_msg(sock, request)
                 return _recv_msg(sock)
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):
                 raise KVTransferError("timeout", f"no reply from {addr} in {self.timeout_s}s") from None
             except (ConnectionError, OSError) as exc:
                 raise KVTransferError("peer_gone", f"connection to {addr} failed: {exc}") from None
 
     def _connect(self, addr: str) -> socket.socket:
         sock = _connect_raw(addr, self.connect_timeout_s)
-        sock.settimeout(self.timeout_s)  # per receive: a stalled reply fails within the timeout
+        # Blocking, with kernel timeouts per call: a stalled reply fails within the timeout, and a
+        # frame is received in one MSG_WAITALL call (see _recv_exact).
+        sock.settimeout(None)
+        timeval = struct.pack("ll", int(self.timeout_s), int(self.timeout_s % 1 * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         return sock
 
 

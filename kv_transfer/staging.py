@@ -4,8 +4,8 @@ Serving side (`LayerGather`): the requested layers are cut into groups of consec
 most GROUP_BYTES; per group, one gather of every layer's K and V blocks (in request order) into a
 fresh [layers, 2, n, block_bytes] buffer on a side CUDA stream, then one copy into pinned host
 memory for a host transport (ZeroMQ, sockets), or none for a transport that reads device memory
-itself (UCX with cuda_copy / cuda_ipc). Group g+1 is gathered while group g is on the wire. A run's
-frame is a slice of that buffer, so the wire format is every transport's.
+itself (UCX with cuda_copy / cuda_ipc). Group g+1 is gathered while group g is on the wire. The
+reply is one frame per group (KVBlocksMsg.groups), that buffer as it is.
 
 Pulling side (`StagedLanding`): frames land in one buffer per group (pinned host memory, or device
 memory for UCX); once a group's last layer has landed, one copy to the device and one scatter
@@ -115,7 +115,7 @@ def _ids_on(block_ids: list[int], device: torch.device, stream: torch.cuda.Strea
 
 
 class LayerGather:
-    """Serving side: `layer_frames` yields, per layer, the 2*R frames of a reply (see module doc)."""
+    """Serving side: `group_frames` yields a reply's frames, one per group of layers (see module doc)."""
 
     def __init__(self, kv_caches: KVCaches, to_host: bool = True) -> None:
         self.tables = KVTables(kv_caches)
@@ -124,10 +124,12 @@ class LayerGather:
         self.to_host = to_host or self.device.type == "cpu"
         self.stream = _side_stream(self.device)
 
-    def layer_frames(self, layers: list[int], block_ids: list[int], runs: list[list[int]],
-                     ) -> Iterator[list[memoryview | torch.Tensor]]:
+    def groups(self, layers: list[int], num_blocks: int) -> list[tuple[int, int]]:
+        return layer_groups(layers, 2 * num_blocks * self.block_bytes)
+
+    def group_frames(self, groups: list[tuple[int, int]], block_ids: list[int]) -> Iterator[memoryview | torch.Tensor]:
+        """One frame per group: [count, 2, n, block_bytes] bytes (see the module doc)."""
         ids = _ids_on(block_ids, self.device, self.stream)
-        groups = layer_groups(layers, 2 * len(block_ids) * self.block_bytes)
         pending = self._launch(groups[0], ids) if groups else None
         for g in range(len(groups)):
             data, done = pending
@@ -135,9 +137,8 @@ class LayerGather:
                 pending = self._launch(groups[g + 1], ids)  # queued behind this one on the side stream
             if done is not None:
                 done.synchronize()
-            rows = data.numpy() if data.device.type == "cpu" else data  # numpy: its base keeps `data` alive
-            for i in range(groups[g][1]):
-                yield _frames(rows[i], runs)
+            # numpy's view keeps the pinned tensor alive while a transport holds the frame
+            yield memoryview(data.numpy().reshape(-1)) if data.device.type == "cpu" else data.view(-1)
 
     def _launch(self, group: tuple[int, int], ids: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         first, count = group
@@ -160,24 +161,14 @@ class LayerGather:
         return data, done
 
 
-def _frames(layer_rows, runs: list[list[int]]) -> list:
-    """One layer's frames from its [2, n, bb] rows (numpy or a device tensor): per run, K then V."""
-    frames = []
-    numpy_rows = not isinstance(layer_rows, torch.Tensor)
-    for first, length in runs:
-        for kv in (0, 1):
-            frame = layer_rows[kv, first:first + length].reshape(-1)
-            frames.append(memoryview(frame) if numpy_rows else frame)
-    return frames
-
-
 class StagedLanding:
     """Pulling side: `buffer(layer)` is where a layer's frames land ([2, n, block_bytes]: K rows in
     [0], V in [1]); `commit(layer)` once they have; `finish()` waits until all are in the cache.
     `layers` is the reply's layer order; buffers are per group of consecutive layers."""
 
     def __init__(self, kv_caches: KVCaches, dest_block_ids: list[int], block_bytes: int, layers: list[int],
-                 on_device: bool = False) -> None:
+                 on_device: bool = False, groups: list[tuple[int, int]] | None = None) -> None:
+        """`groups`: the buffers' (first layer, count) partition of `layers` (default: layer_groups)."""
         self.device = kv_caches[0][0].device
         self.tables = KVTables(kv_caches)
         self.num_blocks = len(dest_block_ids)
@@ -189,13 +180,18 @@ class StagedLanding:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
         self.ids = _ids_on(dest_block_ids, self.device, self.stream)
         self.group_of: dict[int, tuple[int, int]] = {}
-        for group in layer_groups(layers, 2 * self.num_blocks * block_bytes):
+        self.groups = layer_groups(layers, 2 * self.num_blocks * block_bytes) if groups is None else groups
+        for group in self.groups:
             for i in range(group[1]):
                 self.group_of[group[0] + i] = group
         self._buffers: dict[tuple[int, int], torch.Tensor] = {}
 
     def buffer(self, layer: int) -> torch.Tensor:
         group = self.group_of[layer]
+        return self.group_buffer(group)[layer - group[0]]
+
+    def group_buffer(self, group: tuple[int, int]) -> torch.Tensor:
+        """Group (first layer, count)'s [count, 2, n, block_bytes] buffer."""
         buf = self._buffers.get(group)
         if buf is None:
             shape = (group[1], 2, self.num_blocks, self.block_bytes)
@@ -205,7 +201,7 @@ class StagedLanding:
             else:
                 buf = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
             self._buffers[group] = buf
-        return buf[layer - group[0]]
+        return buf
 
     def commit(self, layer: int) -> None:
         """Layer `layer`'s frames have landed; the group's last layer sends the group to the cache."""

@@ -157,19 +157,22 @@ def _check_runs(runs: object, block_ids: list[int]) -> list[list[int]]:
 
 
 class FrameTarget(NamedTuple):
-    """Where one reply frame (one run of one layer's K or V) lands: `inplace`, a contiguous buffer of
-    `nbytes` to receive it into (the cache's own rows when the destination ids are consecutive, or a
-    staging buffer), else None: receive into a buffer, then `scatter` it to `table[ids]`."""
+    """Where one reply frame lands: `inplace`, a contiguous buffer of `nbytes` to receive it into
+    (the cache's own rows when the destination ids are consecutive, or a staging buffer), else
+    None: receive it into a buffer, then `scatter` it (to `table[ids]`, or through `spread`)."""
 
     nbytes: int
     table: np.ndarray | None
     ids: list[int] | None
     inplace: np.ndarray | torch.Tensor | None
+    spread: Callable[[np.ndarray], None] | None = None  # a group frame into per-layer, per-run rows
 
     def scatter(self, data: np.ndarray) -> None:
         """Copy a received frame (uint8, `nbytes`) into the destination rows."""
         if self.inplace is not None:
             self.inplace[:] = data
+        elif self.spread is not None:
+            self.spread(data)
         else:
             self.table[self.ids] = data.reshape(len(self.ids), -1)
 
@@ -205,9 +208,9 @@ class KVBlockSource:
         return [frame for message in self.serve_messages(request) for frame in message]
 
     def serve_messages(self, request: bytes | memoryview) -> Iterator[list[bytes | memoryview | torch.Tensor]]:
-        """The reply as messages: [header], then one list of 2*R frames per layer (built lazily, so a
-        transport can send layer i while the frames of layer i+1 are gathered). Frames are host
-        buffers, or device tensors when built with `device_frames`."""
+        """The reply as messages: [header], then one per unit (built lazily, so a transport can send
+        unit i while unit i+1 is gathered): a layer's 2*R run frames, or a group's one frame when the
+        caches are staged. Frames are host buffers, or device tensors when built with `device_frames`."""
         try:
             header, layers = self._serve(request)
         except KVTransferError as exc:
@@ -250,7 +253,10 @@ class KVBlockSource:
         runs = reply_runs(block_ids)
         header = KVBlocksMsg(self.compat_hash, msg.lease_id, block_ids, layers, spec.block_bytes, runs)
         if self._gather is not None:
-            return encode_kv_msg(header), self._gather.layer_frames(layers, block_ids, runs)
+            groups = self._gather.groups(layers, len(block_ids))
+            header = KVBlocksMsg(self.compat_hash, msg.lease_id, block_ids, layers, spec.block_bytes, runs,
+                                 [count for _, count in groups])
+            return encode_kv_msg(header), ([frame] for frame in self._gather.group_frames(groups, block_ids))
         # Per run: a slice of the cache if its blocks are consecutive there (zero copy), else the
         # ids to gather (one copy, on this thread).
         sources: list[slice | np.ndarray] = []
@@ -343,13 +349,14 @@ class KVBlockSink:
                 "bad_message", f"server blocks are {msg.block_bytes} bytes, ours {spec.block_bytes}",
             )
         _check_runs(msg.runs, list(block_ids))
+        _check_groups(msg.groups, list(msg.layers))
         return msg
 
     def num_frames(self, msg: KVBlocksMsg) -> int:
-        return 2 * len(msg.runs) * len(msg.layers)
+        return len(msg.groups) if msg.groups else 2 * len(msg.runs) * len(msg.layers)
 
     def landing(self, msg: KVBlocksMsg, dest: KVDest) -> Landing:
-        """Where a checked reply's frames land, layer by layer."""
+        """Where a checked reply's frames land, unit by unit."""
         on_cpu = dest.kv_caches[0][0].device.type == "cpu"
         if on_cpu if self.stage is None else not self.stage:
             return DirectLanding(msg, dest)
@@ -357,9 +364,9 @@ class KVBlockSink:
 
     def write_layer(self, msg: KVBlocksMsg, targets: Sequence[FrameTarget], frames: Sequence[bytes | memoryview],
                     ) -> None:
-        """Frames with their targets (one layer's 2*R, or all): every size checked, then copied."""
+        """Frames with their targets (one unit's, or all): every size checked, then copied."""
         if len(frames) != len(targets):
-            raise KVTransferError("bad_message", f"{len(frames)} KV frames for a layer, expected {len(targets)}")
+            raise KVTransferError("bad_message", f"{len(frames)} KV frames for a unit, expected {len(targets)}")
         for i, (target, frame) in enumerate(zip(targets, frames)):
             size = memoryview(frame).nbytes
             if size != target.nbytes:
@@ -370,31 +377,72 @@ class KVBlockSink:
     def write(self, msg: KVBlocksMsg, frames: Sequence[bytes | memoryview], dest: KVDest) -> int:
         """Check the runs and every frame's size, then copy the frames into the destination; bytes written."""
         _check_runs(msg.runs, list(msg.block_ids))
+        _check_groups(msg.groups, list(msg.layers))
         want = self.num_frames(msg)
         if len(frames) != want:
             raise KVTransferError("bad_message", f"{len(frames)} KV frames, expected {want}")
-        sizes = [length * msg.block_bytes for _ in msg.layers for _, length in msg.runs for _ in (0, 1)]
-        for i, (frame, size) in enumerate(zip(frames, sizes)):  # all of them before a byte is written
+        for i, (frame, size) in enumerate(zip(frames, frame_sizes(msg))):  # all before a byte is written
             if (got := memoryview(frame).nbytes) != size:
                 raise KVTransferError("bad_message", f"KV frame {i} of {got} bytes, expected {size}")
         landing = self.landing(msg, dest)
-        per_layer = 2 * len(msg.runs)
-        for i in range(len(msg.layers)):
-            self.write_layer(msg, landing.targets(i), frames[i * per_layer:(i + 1) * per_layer])
-            landing.commit(i)
+        first = 0
+        for u in range(landing.num_units):
+            targets = landing.unit_targets(u)
+            self.write_layer(msg, targets, frames[first:first + len(targets)])
+            first += len(targets)
+            landing.commit_unit(u)
         landing.finish()
         return len(msg.block_ids) * len(msg.layers) * 2 * msg.block_bytes
 
 
+def frame_sizes(msg: KVBlocksMsg) -> list[int]:
+    """Every reply frame's size, in order."""
+    if msg.groups:
+        return [count * 2 * len(msg.block_ids) * msg.block_bytes for count in msg.groups]
+    return [length * msg.block_bytes for _ in msg.layers for _, length in msg.runs for _ in (0, 1)]
+
+
+def _check_groups(groups: object, layers: list[int]) -> list[tuple[int, int]]:
+    """A reply's groups must split `layers`, in order, into runs of consecutive layers: (first, count) each."""
+    if not isinstance(groups, list) or not all(type(g) is int and g > 0 for g in groups):
+        raise KVTransferError("bad_message", "reply groups: expected positive ints")
+    if groups and sum(groups) != len(layers):
+        raise KVTransferError("bad_message", f"reply groups cover {sum(groups)} of {len(layers)} layers")
+    out, i = [], 0
+    for count in groups:
+        part = layers[i:i + count]
+        if part != list(range(part[0], part[0] + count)):
+            raise KVTransferError("bad_message", f"reply group {part[:4]}... is not consecutive layers")
+        out.append((part[0], count))
+        i += count
+    return out
+
+
 class Landing(abc.ABC):
-    """Where one pull's frames land. A transport, for each layer i of the reply (in order): receives
-    the frames into `targets(i)` (in frame order: for each run, K then V), then calls `commit(i)`;
-    after the last layer, `finish()`, which returns once the destination blocks hold the bytes."""
+    """Where one pull's frames land. The reply's frames come in units (a layer's 2*R run frames, or one
+    frame per group of layers): for each unit u in order, a transport receives the frames into
+    `unit_targets(u)`, then calls `commit_unit(u)`; after the last, `finish()`, which returns once
+    the destination blocks hold the bytes (call it after a failure too)."""
+
+    def __init__(self, msg: KVBlocksMsg) -> None:
+        self.msg = msg
+        self.groups = _check_groups(msg.groups, list(msg.layers))
+        self.num_units = len(self.groups) if self.groups else len(msg.layers)
+
+    def unit_targets(self, u: int) -> list[FrameTarget]:
+        if not self.groups:
+            return self.layer_targets(u)
+        return [self.group_target(u)]
 
     @abc.abstractmethod
-    def targets(self, i: int) -> list[FrameTarget]: ...
+    def layer_targets(self, i: int) -> list[FrameTarget]:
+        """The run frames of the reply's i-th layer: per run, K then V."""
 
-    def commit(self, i: int) -> None:  # noqa: B027 (optional hook)
+    @abc.abstractmethod
+    def group_target(self, g: int) -> FrameTarget:
+        """The frame of the reply's g-th group of layers."""
+
+    def commit_unit(self, u: int) -> None:  # noqa: B027 (optional hook)
         pass
 
     def finish(self) -> None:  # noqa: B027 (optional hook)
@@ -405,14 +453,15 @@ class DirectLanding(Landing):
     """CPU caches: frames land in the cache's own rows (consecutive destination ids) or are scattered."""
 
     def __init__(self, msg: KVBlocksMsg, dest: KVDest) -> None:
-        self.msg, self.dest = msg, dest
+        super().__init__(msg)
+        self.dest = dest
         self.runs = []  # per run: (nbytes, destination ids, first id if they are consecutive else None)
         for first, length in msg.runs:
             ids = list(dest.block_ids[first:first + length])
             consecutive = all(ids[i + 1] == ids[i] + 1 for i in range(len(ids) - 1))
             self.runs.append((len(ids) * msg.block_bytes, ids, ids[0] if consecutive else None))
 
-    def targets(self, i: int) -> list[FrameTarget]:
+    def layer_targets(self, i: int) -> list[FrameTarget]:
         layer = self.msg.layers[i]
         key_rows, value_rows = _block_rows(self.dest.kv_caches[layer][0]), _block_rows(self.dest.kv_caches[layer][1])
         targets = []
@@ -427,16 +476,30 @@ class DirectLanding(Landing):
                 targets.append(FrameTarget(nbytes, rows, ids, inplace))
         return targets
 
+    def group_target(self, g: int) -> FrameTarget:
+        first, count = self.groups[g]
+        n, bb = len(self.msg.block_ids), self.msg.block_bytes
+
+        def spread(data: np.ndarray) -> None:
+            rows = data.reshape(count, 2, n, bb)
+            for i in range(count):
+                layer = self.dest.kv_caches[first + i]
+                for kv in (0, 1):
+                    _block_rows(layer[kv])[self.dest.block_ids] = rows[i, kv]
+
+        return FrameTarget(count * 2 * n * bb, None, None, None, spread)
+
 
 class StagedFrames(Landing):
-    """GPU caches (staging.StagedLanding): frames land in a buffer per group of layers, committed per group."""
+    """GPU caches (staging.StagedLanding): frames land in a buffer per group of layers (the reply's
+    groups when it has them: each frame is then received straight into its buffer)."""
 
     def __init__(self, msg: KVBlocksMsg, dest: KVDest, device_frames: bool) -> None:
-        self.msg = msg
+        super().__init__(msg)
         self.staged = StagedLanding(dest.kv_caches, list(dest.block_ids), msg.block_bytes, list(msg.layers),
-                                    on_device=device_frames)
+                                    on_device=device_frames, groups=self.groups or None)
 
-    def targets(self, i: int) -> list[FrameTarget]:
+    def layer_targets(self, i: int) -> list[FrameTarget]:
         buf = self.staged.buffer(self.msg.layers[i])  # [2, n, block_bytes]
         view = buf.numpy() if buf.device.type == "cpu" else buf
         targets = []
@@ -446,8 +509,17 @@ class StagedFrames(Landing):
                                            view[kv, first:first + length].reshape(-1)))
         return targets
 
-    def commit(self, i: int) -> None:
-        self.staged.commit(self.msg.layers[i])
+    def group_target(self, g: int) -> FrameTarget:
+        buf = self.staged.group_buffer(self.groups[g])  # [count, 2, n, block_bytes]
+        view = buf.numpy() if buf.device.type == "cpu" else buf
+        return FrameTarget(buf.numel(), None, None, view.reshape(-1))
+
+    def commit_unit(self, u: int) -> None:
+        if self.groups:
+            first, count = self.groups[u]
+            self.staged.commit(first + count - 1)
+        else:
+            self.staged.commit(self.msg.layers[u])
 
     def finish(self) -> None:
         self.staged.finish()

@@ -7,7 +7,8 @@ call on its own event-loop thread; servers and clients submit coroutines to it.
 On one endpoint, a pull is length-prefixed messages:
     client -> server   u64 size, KVPullMsg
     server -> client   u64 size, KVBlocksMsg | KVErrorMsg, then 2*R*L frames (for each layer, for
-                       each run of blocks: K, V), each length * block_bytes
+                       each run of blocks: K, V), each length * block_bytes, or one frame per group
+                       of layers (staged caches; KVBlocksMsg.groups)
 The client checks the header before it posts a single receive, then receives each frame
 straight into its own KV cache when the run's destination blocks are consecutive too, else into
 a buffer it copies from per block. GPU caches: frames are sent from and received into device
@@ -214,14 +215,14 @@ class UcxKVBlockClient(KVBlockClient):
         # at once (UCX matches them in order): one await per frame would leave the wire idle.
         landing = self.sink.landing(msg, dest)
         try:
-            for i in range(len(msg.layers)):
-                layer = landing.targets(i)
-                bufs = [t.inplace if t.inplace is not None else np.empty(t.nbytes, dtype=np.uint8) for t in layer]
+            for u in range(landing.num_units):  # a layer's run frames, or a group's one frame
+                unit = landing.unit_targets(u)
+                bufs = [t.inplace if t.inplace is not None else np.empty(t.nbytes, dtype=np.uint8) for t in unit]
                 await asyncio.gather(*(ep.recv(buf) for buf in bufs))  # straight into the cache where it can
-                for target, buf in zip(layer, bufs):
+                for target, buf in zip(unit, bufs):
                     if target.inplace is None:
                         target.scatter(buf)
-                landing.commit(i)
+                landing.commit_unit(u)
         finally:
             landing.finish()  # also after a failure: no copy may land once the blocks are reused
         return 2 * len(msg.block_ids) * len(msg.layers) * msg.block_bytes, len(msg.layers)

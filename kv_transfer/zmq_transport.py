@@ -1,7 +1,8 @@
 """The ZeroMQ transport: a ROUTER socket served by a background thread, a fresh DEALER per pull.
 
 tcp (`tcp://127.0.0.1:0` picks a free port) or ipc (`ipc:///path`). Reply frames are zero-copy
-views of the KV caches (`copy=False`; scattered blocks gathered), one per layer, K or V and run; the
+views of the KV caches (`copy=False`; scattered blocks gathered), one per layer, K or V and run (or one
+frame per group of layers from staged GPU caches, in pinned memory); the
 receiver copies each frame once, into its own cache.
 """
 
@@ -65,7 +66,7 @@ class ZmqKVBlockServer(KVBlockServer):
                     continue
                 identity, *frames = sock.recv_multipart(copy=False)
                 request = frames[0].buffer if len(frames) == 1 else b""  # b"": answered as a bad message
-                # The header, then one message per layer: the puller copies layer i into its cache
+                # The header, then one message per unit (layer or group): the puller copies unit i into its cache
                 # while layer i+1 is on the wire.
                 for message in self.source.serve_messages(request):
                     sock.send_multipart([identity, *message], copy=False)
@@ -96,9 +97,10 @@ class ZmqKVBlockClient(KVBlockClient):
     ) -> PullStats:
         t0 = time.perf_counter()
         request = self.sink.request(lease_id, block_ids, dest, layers)
-        # No reply frame may be larger than the whole pull's run (or a header): a peer cannot make
-        # us allocate more.
-        run_cap = len(block_ids) * KVSpec.of(dest.kv_caches).block_bytes
+        # No reply frame may be larger than the whole pull (or a header): a peer cannot make us
+        # allocate more.
+        spec = KVSpec.of(dest.kv_caches)
+        run_cap = len(block_ids) * spec.block_bytes * 2 * (spec.num_layers if layers is None else len(layers))
         deadline = time.monotonic() + self.timeout_s
         with self._connect(addr, max(run_cap, _MAX_REQUEST_BYTES)) as sock:
             sock.send(request)
@@ -108,10 +110,10 @@ class ZmqKVBlockClient(KVBlockClient):
                 raise KVTransferError("bad_message", "the reply header came with extra frames")
             landing = self.sink.landing(msg, dest)
             try:
-                for i in range(len(msg.layers)):
+                for u in range(landing.num_units):  # a message per layer, or per group of layers
                     frames = self._recv(sock, addr, deadline)
-                    self.sink.write_layer(msg, landing.targets(i), [f.buffer for f in frames])
-                    landing.commit(i)
+                    self.sink.write_layer(msg, landing.unit_targets(u), [f.buffer for f in frames])
+                    landing.commit_unit(u)
             finally:
                 landing.finish()  # also after a failure: no copy may land once the blocks are reused
         num_bytes = len(block_ids) * len(msg.layers) * 2 * msg.block_bytes

@@ -22,13 +22,13 @@ def test_compat_hash_is_stable_and_covers_every_field():
 
 
 def test_compat_hash_defaults_to_the_current_protocol():
-    """Peers of different KV protocols never exchange blocks (4: gathered runs, 3: lease messages,
-    2: one frame per source run, 1: one frame per block)."""
+    """Peers of different KV protocols never exchange blocks (5: group frames from staged caches,
+    4: gathered runs, 3: lease messages, 2: one frame per source run, 1: one frame per block)."""
     from tandem.kv_transfer.compat import KV_PROTOCOL_VERSION
 
-    assert KV_PROTOCOL_VERSION == 4
+    assert KV_PROTOCOL_VERSION == 5
     fields = {k: v for k, v in BASE.items() if k != "protocol_version"}
-    assert compat_hash(**fields) == compat_hash(**fields, protocol_version=4) != compat_hash(**BASE)
+    assert compat_hash(**fields) == compat_hash(**fields, protocol_version=5) != compat_hash(**BASE)
 
 
 def test_lease_grant_renew_release():

@@ -14,11 +14,13 @@ import torch
 from tandem.kv_transfer import staging
 from tandem.kv_transfer.errors import KVTransferError
 from tandem.kv_transfer.leases import LeaseTable
-from tandem.kv_transfer.messages import KVPullMsg, encode_kv_msg
+from tandem.kv_transfer.messages import KVBlocksMsg, KVPullMsg, decode_kv_msg, encode_kv_msg
 from tandem.kv_transfer.transport import KVBlockSink, KVBlockSource, KVDest, reply_runs
 from tests.kv_transfer.conftest import COMPAT, Transport, random_kv, zeros_like_kv
 
-MODES = ["staged-cpu", "cuda", "cuda-ucx-host"]
+# staged-cpu: both sides staged on CPU; server-staged / client-staged: one side staged, the other in
+# place (a GPU prefill worker and a CPU decode worker, and the reverse); cuda: caches on the GPU.
+MODES = ["staged-cpu", "server-staged", "client-staged", "cuda", "cuda-ucx-host"]
 
 
 def on(kv, device, stacked=False):
@@ -37,8 +39,9 @@ def make_pair(transport: Transport, mode: str, src, leases):
         extra = {"device_memory": mode == "cuda"}
     server = server_cls(transport.addr(), src, leases, COMPAT, **extra)
     client = client_cls(COMPAT, timeout_s=10.0, **extra)
-    if mode == "staged-cpu":
+    if mode in ("staged-cpu", "server-staged"):
         server.source = KVBlockSource(src, leases, COMPAT, stage=True)
+    if mode in ("staged-cpu", "client-staged"):
         client.sink = KVBlockSink(COMPAT, stage=True)
     return server.start(), client
 
@@ -51,7 +54,7 @@ def mode(request):
 
 
 def device_of(mode: str) -> str:
-    return "cpu" if mode == "staged-cpu" else "cuda"
+    return "cuda" if mode.startswith("cuda") else "cpu"
 
 
 @pytest.mark.parametrize("dtype,layout", [(torch.float32, "stacked"), (torch.bfloat16, "separate"),
@@ -115,22 +118,30 @@ def test_staged_failure_leaves_no_copy_in_flight(transport, mode):
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_gathered_frames_equal_the_direct_frames(device):
-    """The staged server's frames are byte for byte the in-place server's (same runs, same order)."""
+def test_group_frames_hold_the_direct_frames_bytes(device, monkeypatch):
+    """The staged server's frames (one per group of layers: [layers][K, V][blocks in request order])
+    hold byte for byte what the in-place server sends as run frames, and the header says so."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    src = random_kv(40, torch.bfloat16)
+    src = random_kv(40, torch.bfloat16, num_layers=3)
     leases = LeaseTable()
     ids = [5, 6, 7, 8, 9, 10, 11, 12, 13, 30, 2, 17, 18]
     lease = leases.grant(ids, ttl=30, now=time.time())
-    request = encode_kv_msg(KVPullMsg(COMPAT, lease.lease_id, ids, [1, 0]))
+    request = encode_kv_msg(KVPullMsg(COMPAT, lease.lease_id, ids, [1, 2, 0]))
     direct = KVBlockSource(src, leases, COMPAT).serve(request)
+    layer_bytes = 2 * len(ids) * 4 * 2 * 8 * 2
+    monkeypatch.setattr(staging, "GROUP_BYTES", layer_bytes)  # one layer a group
     staged = KVBlockSource(on(src, device), leases, COMPAT, stage=True).serve(request)
     assert reply_runs(ids) == [[0, 9], [9, 4]]  # a long consecutive run (a view), a gathered one
-    assert len(direct) == len(staged) == 1 + 2 * 2 * 2  # header + 2 layers x 2 runs x K, V
-    assert bytes(direct[0]) == bytes(staged[0])
-    for a, b in zip(direct[1:], staged[1:]):
-        assert bytes(a) == bytes(b)
+    d_header, s_header = decode_kv_msg(direct[0]), decode_kv_msg(staged[0])
+    assert d_header.groups == [] and s_header.groups == [1, 1, 1]
+    assert len(direct) == 1 + 3 * 2 * 2 and len(staged) == 1 + 3
+    for i in range(3):  # per layer: direct frames K0 V0 K1 V1 -> group frame K0 K1 V0 V1
+        k0, v0, k1, v1 = (bytes(f) for f in direct[1 + 4 * i:5 + 4 * i])
+        assert bytes(staged[1 + i]) == k0 + k1 + v0 + v1
+    monkeypatch.setattr(staging, "GROUP_BYTES", 2 * layer_bytes)  # layers 1, 2 in a group; 0 alone
+    staged = KVBlockSource(on(src, device), leases, COMPAT, stage=True).serve(request)
+    assert decode_kv_msg(staged[0]).groups == [2, 1] and len(staged) == 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -139,9 +150,9 @@ def test_device_frames_are_device_tensors():
     leases = LeaseTable()
     lease = leases.grant([1, 3], ttl=30, now=time.time())
     request = encode_kv_msg(KVPullMsg(COMPAT, lease.lease_id, [1, 3], None))
-    frames = KVBlockSource(src, leases, COMPAT, device_frames=True).serve(request)[1:]
-    assert all(isinstance(f, torch.Tensor) and f.is_cuda for f in frames)
-    assert torch.equal(frames[0].view(2, -1).cpu(), torch.stack([src[0][0][1], src[0][0][3]]).cpu()
+    (frame,) = KVBlockSource(src, leases, COMPAT, device_frames=True).serve(request)[1:]  # one group
+    assert isinstance(frame, torch.Tensor) and frame.is_cuda
+    assert torch.equal(frame.view(3, 2, 2, -1)[0, 0].cpu(), torch.stack([src[0][0][1], src[0][0][3]]).cpu()
                        .view(torch.uint8).view(2, -1))
 
 
@@ -157,3 +168,14 @@ def test_stacked_tables_and_layer_groups():
     assert torch.equal(out[1, 1], staging.block_table(kv[2][1])[[4, 1]])
     assert staging.layer_groups([0, 1, 2, 3, 5, 4], 10, cap=25) == [(0, 2), (2, 2), (5, 1), (4, 1)]
     assert staging.layer_groups([0, 1], 100, cap=10) == [(0, 1), (1, 1)]  # at least one layer a group
+
+
+@pytest.mark.parametrize("groups,why", [([2], "cover"), ([1, 1, 1, 1], "cover"), ([0, 3], "positive"),
+                                        ([1, 2], "consecutive")])
+def test_sink_refuses_bad_groups(groups, why):
+    dst = zeros_like_kv(random_kv(4), 4)
+    msg = KVBlocksMsg(COMPAT, "lease", [0], [0, 2, 1], 4 * 2 * 8 * 4, [[0, 1]], groups)
+    with pytest.raises(KVTransferError) as err:
+        KVBlockSink(COMPAT).write(msg, [b"\x01" * 10] * len(groups), KVDest(dst, [1]))
+    assert err.value.code == "bad_message" and why in str(err.value)
+    assert all(not k.any() and not v.any() for k, v in dst)

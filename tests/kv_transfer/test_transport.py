@@ -300,6 +300,32 @@ def test_server_gone(transport):
     assert_untouched(dst)
 
 
+def test_socket_timeout_on_a_silent_server():
+    """The socket client receives with MSG_WAITALL under SO_RCVTIMEO: a peer that accepts and never
+    answers, or stops halfway through a reply's header, gives `timeout` within the pull timeout."""
+    import socket
+
+    from tandem.kv_transfer.socket_transport import SocketKVBlockClient
+
+    dst = zeros_like_kv(random_kv(4), 4)
+    for payload in (b"", b"\x40\x00"):  # nothing; 2 of a u64 size's 8 bytes
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            port = listener.getsockname()[1]
+
+            def answer(listener=listener, payload=payload):
+                conn, _ = listener.accept()
+                conn.sendall(payload)
+                time.sleep(3)
+                conn.close()
+
+            threading.Thread(target=answer, daemon=True).start()
+            t0 = time.perf_counter()
+            with pytest.raises(KVTransferError) as err:
+                SocketKVBlockClient(COMPAT, timeout_s=0.5).pull(f"tcp://127.0.0.1:{port}", "a" * 32, [0],
+                                                                KVDest(dst, [0]))
+            assert err.value.code == "timeout" and time.perf_counter() - t0 < 2.5
+
+
 def test_timeout_on_a_silent_server(tmp_path):
     """A peer that accepts the request and never answers (ZeroMQ: a bare ROUTER)."""
     import zmq
