@@ -102,7 +102,9 @@ def layer_groups(layers: list[int], layer_bytes: int, cap: int | None = None) ->
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
-    return torch.cuda.Stream(device) if device.type == "cuda" else None
+    """A high-priority stream: the gather or scatter of a pull (tiny next to the engine's work) runs
+    ahead of the kernels the engine has queued, not after them."""
+    return torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
 
 
 def _ids_on(block_ids: list[int], device: torch.device, stream: torch.cuda.Stream | None) -> torch.Tensor:

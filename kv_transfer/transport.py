@@ -203,6 +203,11 @@ class KVBlockSource:
             else None
         self._rows = [(_block_rows(k), _block_rows(v)) for k, v in kv_caches] if self._gather is None else []
 
+    @property
+    def staged(self) -> bool:
+        """Whether building a reply's frames runs GPU work and waits for it (not zero-copy views)."""
+        return self._gather is not None
+
     def serve(self, request: bytes | memoryview) -> list[bytes | memoryview]:
         """The reply frames to one request frame, flat; every refusal becomes a KVErrorMsg."""
         return [frame for message in self.serve_messages(request) for frame in message]
@@ -373,6 +378,36 @@ class KVBlockSink:
                 raise KVTransferError("bad_message", f"KV frame {i} of {size} bytes, expected {target.nbytes}")
         for target, frame in zip(targets, frames):
             target.scatter(np.frombuffer(frame, dtype=np.uint8))
+
+    def write_pieces(self, targets: Sequence[FrameTarget], pieces: Sequence[bytes | memoryview]) -> None:
+        """One unit's frames as they came, big ones possibly cut in pieces by the transport: the total
+        is checked before a byte is written, then each target is filled in order."""
+        views = [np.frombuffer(piece, dtype=np.uint8) for piece in pieces]
+        want = sum(t.nbytes for t in targets)
+        if (got := sum(len(v) for v in views)) != want:
+            raise KVTransferError("bad_message", f"{got} KV bytes for a unit, expected {want}")
+        i, filled, partial = 0, 0, None  # target, bytes of it filled, its buffer when it has no inplace
+        for data in views:
+            offset = 0
+            while offset < len(data):
+                target = targets[i]
+                n = min(target.nbytes - filled, len(data) - offset)
+                if filled == 0 and n == target.nbytes:  # the whole target in this piece: one copy
+                    target.scatter(data[offset:offset + n])
+                else:
+                    if target.inplace is not None:
+                        target.inplace[filled:filled + n] = data[offset:offset + n]
+                    else:
+                        if partial is None:
+                            partial = np.empty(target.nbytes, dtype=np.uint8)
+                        partial[filled:filled + n] = data[offset:offset + n]
+                    if filled + n == target.nbytes and partial is not None:
+                        target.scatter(partial)
+                        partial = None
+                filled += n
+                offset += n
+                if filled == target.nbytes:
+                    i, filled = i + 1, 0
 
     def write(self, msg: KVBlocksMsg, frames: Sequence[bytes | memoryview], dest: KVDest) -> int:
         """Check the runs and every frame's size, then copy the frames into the destination; bytes written."""

@@ -133,7 +133,13 @@ class UcxKVBlockServer(KVBlockServer):
                 messages = self.source.serve_messages(request)
                 (header,) = next(messages)
                 await _send_msg(ep, header)
-                for frames in messages:  # per layer: views of the leased blocks, or gathered copies
+                while True:  # per unit: views of the leased blocks, gathered copies, or a staged group
+                    if self.source.staged:  # a gather on the GPU and a wait: not on this loop's thread
+                        frames = await asyncio.to_thread(next, messages, None)
+                    else:
+                        frames = next(messages, None)
+                    if frames is None:
+                        break
                     await asyncio.gather(*(ep.send(_wire_buffer(frame)) for frame in frames))
         except Exception:  # the peer closed or died: nothing to answer
             return
@@ -224,7 +230,9 @@ class UcxKVBlockClient(KVBlockClient):
                         target.scatter(buf)
                 landing.commit_unit(u)
         finally:
-            landing.finish()  # also after a failure: no copy may land once the blocks are reused
+            # Also after a failure: no copy may land once the blocks are reused. Waiting for the GPU
+            # happens off this loop's thread, where other pulls progress meanwhile.
+            await asyncio.to_thread(landing.finish)
         return 2 * len(msg.block_ids) * len(msg.layers) * msg.block_bytes, len(msg.layers)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ from tandem.kv_transfer import staging
 from tandem.kv_transfer.errors import KVTransferError
 from tandem.kv_transfer.leases import LeaseTable
 from tandem.kv_transfer.messages import KVBlocksMsg, KVPullMsg, decode_kv_msg, encode_kv_msg
-from tandem.kv_transfer.transport import KVBlockSink, KVBlockSource, KVDest, reply_runs
+from tandem.kv_transfer.transport import FrameTarget, KVBlockSink, KVBlockSource, KVDest, reply_runs
 from tests.kv_transfer.conftest import COMPAT, Transport, random_kv, zeros_like_kv
 
 # staged-cpu: both sides staged on CPU; server-staged / client-staged: one side staged, the other in
@@ -179,3 +180,42 @@ def test_sink_refuses_bad_groups(groups, why):
         KVBlockSink(COMPAT).write(msg, [b"\x01" * 10] * len(groups), KVDest(dst, [1]))
     assert err.value.code == "bad_message" and why in str(err.value)
     assert all(not k.any() and not v.any() for k, v in dst)
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_zmq_pieces_of_big_frames(tmp_path, monkeypatch, staged):
+    """ZeroMQ sends frames over PIECE_BYTES as pieces (here 100 bytes: uneven, many per frame); the
+    puller fills consecutive and scattered destinations from them exactly."""
+    from tandem.kv_transfer import zmq_transport
+
+    monkeypatch.setattr(zmq_transport, "PIECE_BYTES", 100)
+    transport = Transport("zmq-ipc", tmp_path)
+    src = random_kv(64, torch.bfloat16)
+    dst = zeros_like_kv(src, 48)
+    src_ids = list(range(10, 22)) + [40, 33, 50, 3]
+    dst_ids = list(range(30, 42)) + [1, 7, 2, 5]
+    leases = LeaseTable()
+    lease = leases.grant(src_ids, ttl=30, now=time.time())
+    server, client = make_pair(transport, "staged-cpu" if staged else "direct", src, leases)
+    try:
+        client.pull(server.address, lease.lease_id, src_ids, KVDest(dst, dst_ids))
+    finally:
+        server.close()
+        client.close()
+    for layer in range(len(src)):
+        for kv in (0, 1):
+            assert torch.equal(dst[layer][kv][dst_ids], src[layer][kv][src_ids])
+
+
+def test_write_pieces_straddling_targets():
+    """Pieces that start and end anywhere (across target boundaries), in place and scattered."""
+    table = np.zeros((6, 4), dtype=np.uint8)
+    inplace = np.zeros(8, dtype=np.uint8)
+    targets = [FrameTarget(8, None, None, inplace), FrameTarget(8, table, [4, 1], None)]
+    data = np.arange(1, 17, dtype=np.uint8)
+    KVBlockSink(COMPAT).write_pieces(targets, [data[:3].tobytes(), data[3:11].tobytes(), data[11:].tobytes()])
+    assert inplace.tolist() == list(range(1, 9))
+    assert table[4].tolist() == [9, 10, 11, 12] and table[1].tolist() == [13, 14, 15, 16]
+    with pytest.raises(KVTransferError) as err:
+        KVBlockSink(COMPAT).write_pieces(targets, [data[:15].tobytes()])
+    assert err.value.code == "bad_message"
