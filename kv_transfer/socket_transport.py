@@ -33,6 +33,7 @@ from tandem.kv_transfer.transport import (
     KVBlockSource,
     KVCaches,
     KVDest,
+    PhaseClock,
     PullStats,
 )
 
@@ -163,12 +164,14 @@ class SocketKVBlockClient(KVBlockClient):
     def pull(
         self, addr: str, lease_id: str, block_ids: list[int], dest: KVDest, layers: list[int] | None = None,
     ) -> PullStats:
-        t0 = time.perf_counter()
+        clock = PhaseClock()
         request = self.sink.request(lease_id, block_ids, dest, layers)
         with self._connect(addr) as sock:
+            clock.mark("connect")
             try:
                 _send_msg(sock, request)
                 msg = self.sink.check_reply(_recv_msg(sock), lease_id, block_ids, dest, layers)
+                clock.mark("header")
                 # The header fixed every frame's size: receive straight into the cache (or the
                 # layer's staging buffer) where it can.
                 landing = self.sink.landing(msg, dest)
@@ -182,14 +185,15 @@ class SocketKVBlockClient(KVBlockClient):
                                 _recv_exact(sock, memoryview(buf))
                                 target.scatter(buf)
                         landing.commit_unit(u)
+                    clock.mark("frames")
                 finally:
                     landing.finish()  # also after a failure: no copy may land once the blocks are reused
+                clock.mark("landing")
             except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_SNDTIMEO / SO_RCVTIMEO ran out
                 raise KVTransferError("timeout", f"no complete reply from {addr} in {self.timeout_s}s") from None
             except (ConnectionError, OSError) as exc:
                 raise KVTransferError("peer_gone", f"connection to {addr} failed: {exc}") from None
-        num_bytes = 2 * len(msg.block_ids) * len(msg.layers) * msg.block_bytes
-        return PullStats(len(block_ids), len(msg.layers), num_bytes, time.perf_counter() - t0)
+        return clock.stats(len(block_ids), len(msg.layers), 2 * len(msg.block_ids) * len(msg.layers) * msg.block_bytes)
 
     def _request_reply(self, addr: str, request: bytes) -> bytes:
         with self._connect(addr) as sock:

@@ -27,6 +27,7 @@ On CPU the same classes run with plain host buffers and no streams (tests exerci
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -125,12 +126,14 @@ class LayerGather:
         self.block_bytes = self.tables.per_layer[0][0].shape[1]
         self.to_host = to_host or self.device.type == "cpu"
         self.stream = _side_stream(self.device)
+        self.seconds = 0.0  # spent launching gathers and waiting for them (a metric; races are harmless)
 
     def groups(self, layers: list[int], num_blocks: int) -> list[tuple[int, int]]:
         return layer_groups(layers, 2 * num_blocks * self.block_bytes)
 
     def group_frames(self, groups: list[tuple[int, int]], block_ids: list[int]) -> Iterator[memoryview | torch.Tensor]:
         """One frame per group: [count, 2, n, block_bytes] bytes (see the module doc)."""
+        t0 = time.perf_counter()
         ids = _ids_on(block_ids, self.device, self.stream)
         pending = self._launch(groups[0], ids) if groups else None
         for g in range(len(groups)):
@@ -139,8 +142,10 @@ class LayerGather:
                 pending = self._launch(groups[g + 1], ids)  # queued behind this one on the side stream
             if done is not None:
                 done.synchronize()
+            self.seconds += time.perf_counter() - t0
             # numpy's view keeps the pinned tensor alive while a transport holds the frame
             yield memoryview(data.numpy().reshape(-1)) if data.device.type == "cpu" else data.view(-1)
+            t0 = time.perf_counter()
 
     def _launch(self, group: tuple[int, int], ids: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         first, count = group

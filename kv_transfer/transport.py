@@ -19,7 +19,7 @@ import abc
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -88,10 +88,32 @@ class PullStats:
     num_layers: int
     num_bytes: int
     seconds: float
+    # Where the seconds went (PULL_PHASES): connecting, waiting for the reply's header, receiving the
+    # frames (and queuing their copies into the cache), waiting for the copies to land.
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def gbytes_per_s(self) -> float:
         return self.num_bytes / max(self.seconds, 1e-9) / 1e9
+
+
+PULL_PHASES = ("connect", "header", "frames", "landing")
+
+
+class PhaseClock:
+    """Times a pull's phases: `mark(name)` ends the phase begun at the previous mark (or at start)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def stats(self, num_blocks: int, num_layers: int, num_bytes: int) -> PullStats:
+        return PullStats(num_blocks, num_layers, num_bytes, self.last - self.start, dict(self.phases))
 
 
 def check_block_ids(block_ids: object, num_blocks: int, what: str) -> list[int]:
@@ -202,6 +224,11 @@ class KVBlockSource:
         self._gather = LayerGather(kv_caches, to_host=not device_frames) if (not on_cpu if stage is None else stage) \
             else None
         self._rows = [(_block_rows(k), _block_rows(v)) for k, v in kv_caches] if self._gather is None else []
+
+    @property
+    def gather_seconds(self) -> float:
+        """Time the serving threads spent gathering staged frames and waiting for the GPU to do so."""
+        return self._gather.seconds if self._gather is not None else 0.0
 
     @property
     def staged(self) -> bool:
@@ -564,6 +591,7 @@ class KVBlockServer(abc.ABC):
     """Serves pulls of leased blocks on `address` from a background thread."""
 
     address: str
+    source: KVBlockSource
 
     @abc.abstractmethod
     def start(self) -> KVBlockServer: ...

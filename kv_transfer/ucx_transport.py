@@ -41,6 +41,7 @@ from tandem.kv_transfer.transport import (
     KVBlockSource,
     KVCaches,
     KVDest,
+    PhaseClock,
     PullStats,
 )
 
@@ -172,11 +173,12 @@ class UcxKVBlockClient(KVBlockClient):
     def pull(
         self, addr: str, lease_id: str, block_ids: list[int], dest: KVDest, layers: list[int] | None = None,
     ) -> PullStats:
-        t0 = time.perf_counter()
+        clock = PhaseClock()
         host, port = _parse(addr)
         request = self.sink.request(lease_id, block_ids, dest, layers)
-        num_bytes, num_layers = self.runtime.run(self._pull(host, port, request, lease_id, block_ids, dest, layers))
-        return PullStats(len(block_ids), num_layers, num_bytes, time.perf_counter() - t0)
+        num_bytes, num_layers = self.runtime.run(
+            self._pull(host, port, request, lease_id, block_ids, dest, layers, clock))
+        return clock.stats(len(block_ids), num_layers, num_bytes)
 
     def _request_reply(self, addr: str, request: bytes) -> bytes:
         host, port = _parse(addr)
@@ -187,9 +189,10 @@ class UcxKVBlockClient(KVBlockClient):
 
         return self.runtime.run(self._on_endpoint(host, port, exchange))
 
-    async def _pull(self, host, port, request, lease_id, block_ids, dest, layers) -> tuple[int, int]:
+    async def _pull(self, host, port, request, lease_id, block_ids, dest, layers, clock) -> tuple[int, int]:
         async def exchange(ep):
-            return await self._exchange(ep, request, lease_id, block_ids, dest, layers)
+            clock.mark("connect")  # from the pull's call: the hop to this loop's thread, then the endpoint
+            return await self._exchange(ep, request, lease_id, block_ids, dest, layers, clock)
 
         return await self._on_endpoint(host, port, exchange)
 
@@ -214,9 +217,10 @@ class UcxKVBlockClient(KVBlockClient):
                 except Exception:  # closing a broken endpoint
                     pass
 
-    async def _exchange(self, ep, request, lease_id, block_ids, dest, layers) -> tuple[int, int]:
+    async def _exchange(self, ep, request, lease_id, block_ids, dest, layers, clock) -> tuple[int, int]:
         await _send_msg(ep, request)
         msg = self.sink.check_reply(await _recv_msg(ep), lease_id, block_ids, dest, layers)
+        clock.mark("header")
         # The header fixed every frame's size before any receive. One layer's receives are posted
         # at once (UCX matches them in order): one await per frame would leave the wire idle.
         landing = self.sink.landing(msg, dest)
@@ -229,10 +233,12 @@ class UcxKVBlockClient(KVBlockClient):
                     if target.inplace is None:
                         target.scatter(buf)
                 landing.commit_unit(u)
+            clock.mark("frames")
         finally:
             # Also after a failure: no copy may land once the blocks are reused. Waiting for the GPU
             # happens off this loop's thread, where other pulls progress meanwhile.
             await asyncio.to_thread(landing.finish)
+        clock.mark("landing")
         return 2 * len(msg.block_ids) * len(msg.layers) * msg.block_bytes, len(msg.layers)
 
 

@@ -25,6 +25,7 @@ from tandem.kv_transfer.transport import (
     KVCaches,
     KVDest,
     KVSpec,
+    PhaseClock,
     PullStats,
 )
 
@@ -98,7 +99,7 @@ class ZmqKVBlockClient(KVBlockClient):
     def pull(
         self, addr: str, lease_id: str, block_ids: list[int], dest: KVDest, layers: list[int] | None = None,
     ) -> PullStats:
-        t0 = time.perf_counter()
+        clock = PhaseClock()
         request = self.sink.request(lease_id, block_ids, dest, layers)
         # No reply frame may be larger than the whole pull (or a header): a peer cannot make us
         # allocate more.
@@ -106,21 +107,24 @@ class ZmqKVBlockClient(KVBlockClient):
         run_cap = len(block_ids) * spec.block_bytes * 2 * (spec.num_layers if layers is None else len(layers))
         deadline = time.monotonic() + self.timeout_s
         with self._connect(addr, max(run_cap, _MAX_REQUEST_BYTES)) as sock:
+            clock.mark("connect")
             sock.send(request)
             header, *rest = self._recv(sock, addr, deadline)
             msg = self.sink.check_reply(header.buffer, lease_id, block_ids, dest, layers)
             if rest:
                 raise KVTransferError("bad_message", "the reply header came with extra frames")
+            clock.mark("header")
             landing = self.sink.landing(msg, dest)
             try:
                 for u in range(landing.num_units):  # a message per layer, or per group of layers
                     frames = self._recv(sock, addr, deadline)
                     self.sink.write_pieces(landing.unit_targets(u), [f.buffer for f in frames])
                     landing.commit_unit(u)
+                clock.mark("frames")
             finally:
                 landing.finish()  # also after a failure: no copy may land once the blocks are reused
-        num_bytes = len(block_ids) * len(msg.layers) * 2 * msg.block_bytes
-        return PullStats(len(block_ids), len(msg.layers), num_bytes, time.perf_counter() - t0)
+            clock.mark("landing")
+        return clock.stats(len(block_ids), len(msg.layers), len(block_ids) * len(msg.layers) * 2 * msg.block_bytes)
 
     def _request_reply(self, addr: str, request: bytes) -> bytes:
         header, *rest = self._exchange(addr, request, _MAX_REQUEST_BYTES)

@@ -72,6 +72,9 @@ KV_COUNTERS = {  # short name -> the decode (or prefill) worker's metric
     "handoffs_exported": "tandem:kv_handoffs_exported_total",
     "leases_released": "tandem:kv_leases_released_total",
     "leases_expired": "tandem:kv_leases_expired_total",
+    "gather_s": "tandem:kv_serve_gather_seconds_total",  # the prefill worker's
+    **{f"{phase}_s": f"tandem:kv_transfer_phase_seconds_total{{{phase}}}" for phase in
+       ("connect", "header", "frames", "landing")},
 }
 ENGINE_STATS = ("num_preemptions", "prompt_tokens", "generation_tokens", "prefix_cache_queries", "prefix_cache_hits")
 
@@ -251,6 +254,9 @@ def scrape(worker: Worker) -> dict[str, float]:
         name = name_labels.split("{", 1)[0]
         if name.endswith("_bucket"):
             continue
+        if name == "tandem:kv_transfer_phase_seconds_total":  # one series per phase: keep them apart
+            phase = name_labels.split('phase="', 1)[1].split('"', 1)[0]
+            name = f"{name}{{{phase}}}"
         with contextlib.suppress(ValueError):
             out[name] = out.get(name, 0.0) + float(value)
     return out
@@ -402,6 +408,8 @@ def kv_summary(d: dict, n_handoffs: int) -> dict:
     return {**d, "handoffs": n_handoffs,
             "GBps_per_pull": d["bytes"] / secs / 1e9 if secs > 0 else None,
             "pull_ms_mean": secs / count * 1000 if count else None,
+            "phase_ms_mean": {phase: d[f"{phase}_s"] / count * 1000 if count else None
+                              for phase in ("connect", "header", "frames", "landing")},
             "bytes_per_pull": d["bytes"] / d["pulls"] if d["pulls"] else None}
 
 
@@ -459,6 +467,7 @@ def run_pass(name: str, entry: Worker, decode: Worker | None, prompts: list[list
         d, p = settle_kv(decode, entry, kv_before[decode.name], kv_before[entry.name], n_handoffs)
         result["kv"] = kv_summary(d, n_handoffs)
         result["kv_prefill"] = {k: p[k] for k in ("handoffs_exported", "leases_released", "leases_expired")}
+        result["kv_prefill"]["gather_ms_mean"] = p["gather_s"] / n_handoffs * 1000 if n_handoffs else None
     result["requests"] = [r.record() for r in reqs]
     return result
 
@@ -570,6 +579,13 @@ def table(results: dict) -> str:
     for cfg in results["configs"]:
         if cfg.get("error"):
             lines.append(f"{cfg['name']}: ERROR {cfg['error'][:300]}")
+        for pass_name in ("check", "load"):  # where a pull's time goes, on average
+            kv = get(cfg, "passes", pass_name, "kv")
+            if kv and kv.get("phase_ms_mean"):
+                phases = ", ".join(f"{k} {fmt(v, '.1f')}" for k, v in kv["phase_ms_mean"].items())
+                gather = get(cfg, "passes", pass_name, "kv_prefill", "gather_ms_mean")
+                lines.append(f"{cfg['name']} {pass_name}: pull phases (mean ms) {phases}; prefill gather+wait "
+                             f"{fmt(gather, '.1f')} ms per handoff")
         for pass_name in ("check", "load"):
             c = cfg["compare"].get(pass_name)
             if c and c["mismatches"] and cfg["name"] != "mono":

@@ -28,7 +28,7 @@ from tandem.kv_transfer.compat import compat_hash
 from tandem.kv_transfer.connector import KVConnectorConsumer, KVConnectorProducer, PullOutcome
 from tandem.kv_transfer.errors import KVTransferError
 from tandem.kv_transfer.leases import LeaseTable
-from tandem.kv_transfer.transport import KVBlockClient, KVBlockServer, KVDest
+from tandem.kv_transfer.transport import PULL_PHASES, KVBlockClient, KVBlockServer, KVDest
 from tandem.shared.engine.engine_core import EngineCore
 from tandem.shared.models.hf_folder import model_fingerprint
 from tandem.shared.sampling_params import InvalidParameterError
@@ -81,6 +81,9 @@ class KVTransferStats:
     transfer_seconds_buckets: list[int] = field(default_factory=lambda: [0] * len(TRANSFER_BUCKETS))
     transfer_seconds_sum: float = 0.0
     transfer_seconds_count: int = 0
+    # Where pull time went (kv_transfer.PULL_PHASES: connect, header, frames, landing), summed.
+    phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PULL_PHASES, 0.0))
+    gather_seconds: float = 0.0  # serving: gathering staged (GPU) frames and waiting for the GPU
 
     def observe_transfer(self, seconds: float) -> None:
         for i, bound in enumerate(TRANSFER_BUCKETS):
@@ -231,6 +234,7 @@ class KVEngine:
                     self.stats.handoffs_exported += 1
                 result.outputs.append(SeqOutput.of(out, handoff))
         self.stats.active_leases = len(self.leases)
+        self.stats.gather_seconds = self.server.source.gather_seconds
         return result
 
     def _free_lease_blocks(self) -> None:
@@ -295,6 +299,8 @@ class KVEngine:
                     stats.bytes_pulled += outcome.stats.num_bytes
                     stats.blocks_pulled += outcome.stats.num_blocks
                     stats.observe_transfer(outcome.stats.seconds)
+                    for phase, seconds in outcome.stats.phases.items():
+                        stats.phase_seconds[phase] = stats.phase_seconds.get(phase, 0.0) + seconds
                 self.engine.finish_kv_pull(done.request_id, True)
                 continue
             stats.failed_pulls += 1

@@ -70,6 +70,16 @@ class KVTransferCollector:
         g = GaugeMetricFamily("tandem:kv_leases_active", "Handed-off prompts whose blocks are leased.", labels=labels)
         g.add_metric(value, s.active_leases)
         yield g
+        c = CounterMetricFamily("tandem:kv_transfer_phase_seconds", "KV pull time by phase (connect, header: "
+                                "waiting for the reply's header, frames: receiving, landing: copies into the cache).",
+                                labels=[*labels, "phase"])
+        for phase, seconds in s.phase_seconds.items():
+            c.add_metric([*value, phase], seconds)
+        yield c
+        c = CounterMetricFamily("tandem:kv_serve_gather_seconds", "Serving KV pulls: time spent gathering staged "
+                                "(GPU) frames and waiting for the GPU to finish them.", labels=labels)
+        c.add_metric(value, s.gather_seconds)
+        yield c
         h = HistogramMetricFamily("tandem:kv_transfer_seconds", "Time of one KV pull.", labels=labels)
         buckets = [(str(b), n) for b, n in zip(TRANSFER_BUCKETS, s.transfer_seconds_buckets)]
         buckets.append(("+Inf", s.transfer_seconds_count))

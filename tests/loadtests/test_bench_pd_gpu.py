@@ -85,9 +85,10 @@ def test_bench_pd_end_to_end_on_cpu(tmp_path):
     # The table comes last: a row per configuration and the failed one's error.
     lines = proc.stdout.strip().splitlines()
     tail = lines[max(i for i, line in enumerate(lines) if line.startswith("| config")):]
-    assert len(tail) == 7 and [line.split("|")[1].strip() for line in tail[2:6]] == [
+    assert len(tail) == 11 and [line.split("|")[1].strip() for line in tail[2:6]] == [
         "mono", "pd-zmq", "pd-bogus", "pd-socket"]
-    assert tail[-1].startswith("pd-bogus: ERROR")
+    assert tail[6].startswith("pd-zmq check: pull phases (mean ms) connect ")  # then pd-zmq load
+    assert tail[8].startswith("pd-bogus: ERROR") and tail[10].startswith("pd-socket load: pull phases")
     assert "3/3" in tail[3] and "3/3" in tail[5]
     assert sorted(p.name for p in logs.iterdir()) == sorted(
         f"{w}.log" for w in ("mono", "prefill-zmq", "decode-zmq", "prefill-bogus", "decode-bogus",

@@ -131,6 +131,9 @@ def test_disaggregated_equals_monolithic(arch, tiny_models, kv_pair):
     assert max(h.num_tokens for h in handoffs) > CHUNK
     ds = decode.stats
     assert ds.pulls == len(handoffs) and ds.failed_pulls == 0 and ds.bytes_pulled > 0
+    # Every pull's time is split into its phases (connect, header, frames, landing).
+    assert set(ds.phase_seconds) == {"connect", "header", "frames", "landing"}
+    assert sum(ds.phase_seconds.values()) == pytest.approx(ds.transfer_seconds_sum, rel=1e-6)
     assert prefill.stats.released_leases == len(handoffs) and len(prefill.leases) == 0
     for w in (prefill, decode):
         assert w.engine.kv.pool.num_used_blocks == 0

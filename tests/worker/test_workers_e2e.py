@@ -83,6 +83,9 @@ def test_prefill_then_decode_equals_monolithic(transport, model, expected, worke
     first_bytes = metric(text, "tandem:kv_transfer_bytes_total")
     assert metric(text, "tandem:kv_transfer_pulls_total") == len(prompts) and first_bytes > 0
     assert metric(text, "tandem:kv_transfer_seconds_count") == len(prompts)
+    phases = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("tandem:kv_transfer_phase_seconds_total{")]
+    assert len(phases) == 4 and sum(phases) == pytest.approx(metric(text, "tandem:kv_transfer_seconds_sum"), rel=1e-3)
     assert eventually(lambda: metric(httpx.get(decode.http + "/metrics").text, "tandem:kv_cache_used_blocks") == 0)
     prefill_text = httpx.get(prefill.http + "/metrics", timeout=5).text
     assert metric(prefill_text, "tandem:kv_leases_released_total") == len(prompts)
