@@ -23,6 +23,7 @@ class EngineConfig:
     load_format: str = "auto"  # "auto" or "dummy" (random weights from config.json alone)
     skip_tokenizer_init: bool = False
     seed: int = 0
+    enforce_eager: bool = False  # CUDA: no CUDA graphs (every step launched kernel by kernel)
 
     def __post_init__(self) -> None:
         def bad(field: str, message: str) -> None:

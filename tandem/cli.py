@@ -20,6 +20,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--device", default="cpu")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs (also TANDEM_CUDA_GRAPHS=0)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -28,6 +29,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_enable_prefix_caching, kv_cache_memory=args.kv_cache_memory,
         device=args.device, load_format=args.load_format, gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
     )
 
 

@@ -45,6 +45,8 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
         flags += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if args.no_enable_prefix_caching:
         flags.append("--no-enable-prefix-caching")
+    if args.enforce_eager:
+        flags.append("--enforce-eager")
     return flags
 
 

@@ -56,3 +56,30 @@ def test_unparsable_flag(capsys):
         main(["generate", PROMPT, "--max-tokens", "many"])
     assert e.value.code != 0
     assert "--max-tokens" in capsys.readouterr().err
+
+
+def test_enforce_eager_reaches_the_runner(tiny_models, monkeypatch):
+    """--enforce-eager (EngineConfig.enforce_eager, LLM(enforce_eager=True)) asks the runner for no
+    CUDA graphs; the default leaves the choice to the runner (graphs on CUDA)."""
+    import argparse
+
+    from tandem.cli import add_engine_args, engine_kwargs
+    from tandem.shared.config import EngineConfig
+    from tandem.shared.engine import engine_core
+
+    seen = []
+
+    class Spy(engine_core.ModelRunner):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs.get("cuda_graphs"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(engine_core, "ModelRunner", Spy)
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    folder = str(tiny_models["llama"][0])
+    for argv, want in ((["--enforce-eager"], False), ([], None)):
+        kwargs = {**engine_kwargs(p.parse_args(["--model", folder, *argv])), "kv_cache_memory": 1 << 24}
+        assert kwargs["enforce_eager"] is (want is False)
+        engine_core.EngineCore(EngineConfig(model=folder, **kwargs))
+        assert seen[-1] is want

@@ -173,7 +173,7 @@ def config_from_args(args, env: dict[str, str]) -> ServeConfig:
         block_size=args.block_size, enable_prefix_caching=not args.no_enable_prefix_caching,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory=parse_bytes(args.kv_cache_memory), gpu_memory_utilization=args.gpu_memory_utilization,
-        load_format=args.load_format,
+        load_format=args.load_format, enforce_eager=args.enforce_eager,
     )
     return ServeConfig(
         engine=engine, host=args.host, port=args.port, served_model_names=tuple(args.served_model_name or ()),

@@ -84,7 +84,7 @@ class EngineCore:
             SchedulerConfig(config.max_num_seqs, max_batched, mc.max_model_len), self.kv
         )
         self.runner = ModelRunner(self.model, num_blocks, bs, TorchAttentionBackend(), self.device,
-                                  self.scheduler.config)
+                                  self.scheduler.config, cuda_graphs=False if config.enforce_eager else None)
         self.eos_token_ids = frozenset(self.source.eos_token_ids)
         self._arrivals = 0
         self.prompt_tokens = 0

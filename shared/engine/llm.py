@@ -37,13 +37,14 @@ class LLM:
         load_format: str = "auto",
         gpu_memory_utilization: float = 0.9,
         seed: int = 0,
+        enforce_eager: bool = False,
     ) -> None:
         self.config = EngineConfig(
             model=None if model is None else str(model), dtype=dtype, device=device, max_model_len=max_model_len,
             block_size=block_size, enable_prefix_caching=enable_prefix_caching, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=parse_bytes(kv_cache_memory),
             num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization, load_format=load_format,
-            skip_tokenizer_init=skip_tokenizer_init, seed=seed,
+            skip_tokenizer_init=skip_tokenizer_init, seed=seed, enforce_eager=enforce_eager,
         )
         self.engine = EngineCore(self.config)
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(self.engine.source)

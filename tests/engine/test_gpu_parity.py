@@ -148,3 +148,9 @@ def test_kv_pool_sized_from_free_gpu_memory(tiny_models):
         del llm
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def test_enforce_eager_captures_no_graphs(tiny_models):
+    folder, _ = tiny_models["llama"]
+    assert gpu_llm(folder, "float32", max_num_seqs=4).engine.runner.graphs is not None
+    assert gpu_llm(folder, "float32", max_num_seqs=4, enforce_eager=True).engine.runner.graphs is None
