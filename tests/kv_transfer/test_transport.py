@@ -410,3 +410,31 @@ def test_server_survives_garbage_and_internal_errors(transport):
         server.source.leases = leases
         client.pull(server.address, lease.lease_id, [0], KVDest(dst, [1]))
     assert_pulled(src, dst, [0], [1])
+
+
+def test_ucx_client_keeps_its_endpoint_between_pulls(tmp_path):
+    """A UCX client reuses an idle endpoint to the same server (no connection setup per pull); once
+    the server is gone, the kept endpoint fails, a new connection is tried, and the pull fails clearly."""
+    from tests.kv_transfer.conftest import Transport
+
+    transport = Transport("ucx", tmp_path)
+    src = random_kv(8)
+    dst = zeros_like_kv(src, 8)
+    leases = LeaseTable()
+    lease = leases.grant([1, 2], ttl=30, now=time.time())
+    server = transport.server(src, leases)
+    client = transport.client(timeout_s=2.0)
+    try:
+        client.pull(server.address, lease.lease_id, [1, 2], KVDest(dst, [0, 1]))
+        (key, idle), = client._idle.items()
+        kept = idle[0]
+        stats = client.pull(server.address, lease.lease_id, [2], KVDest(dst, [5]))
+        assert client._idle[key] == [kept] and stats.phases["connect"] < 1.0
+        assert_pulled(src, dst, [1, 2, 2], [0, 1, 5])
+        server.close()
+        with pytest.raises(KVTransferError) as err:
+            client.pull(server.address, lease.lease_id, [1], KVDest(dst, [3]))
+        assert err.value.code == "peer_gone" and client._idle[key] == []
+    finally:
+        server.close()
+        client.close()
