@@ -220,9 +220,8 @@ class KVBlockSource:
         self.leases = leases
         self.compat_hash = compat_hash
         self.clock = clock
-        on_cpu = kv_caches[0][0].device.type == "cpu"
-        self._gather = LayerGather(kv_caches, to_host=not device_frames) if (not on_cpu if stage is None else stage) \
-            else None
+        staged = kv_caches[0][0].device.type != "cpu" if stage is None else stage
+        self._gather = LayerGather(kv_caches, to_host=not device_frames) if staged else None
         self._rows = [(_block_rows(k), _block_rows(v)) for k, v in kv_caches] if self._gather is None else []
 
     @property
@@ -283,11 +282,10 @@ class KVBlockSource:
         if foreign:
             raise KVTransferError("bad_block", f"blocks {foreign[:4]} are not under lease {msg.lease_id[:8]}...")
         runs = reply_runs(block_ids)
-        header = KVBlocksMsg(self.compat_hash, msg.lease_id, block_ids, layers, spec.block_bytes, runs)
+        groups = [] if self._gather is None else self._gather.groups(layers, len(block_ids))
+        header = KVBlocksMsg(self.compat_hash, msg.lease_id, block_ids, layers, spec.block_bytes, runs,
+                             [count for _, count in groups])
         if self._gather is not None:
-            groups = self._gather.groups(layers, len(block_ids))
-            header = KVBlocksMsg(self.compat_hash, msg.lease_id, block_ids, layers, spec.block_bytes, runs,
-                                 [count for _, count in groups])
             return encode_kv_msg(header), ([frame] for frame in self._gather.group_frames(groups, block_ids))
         # Per run: a slice of the cache if its blocks are consecutive there (zero copy), else the
         # ids to gather (one copy, on this thread).
@@ -325,14 +323,20 @@ class KVBlockSource:
         raise KVTransferError("bad_message", f"lease action must be one of {LEASE_ACTIONS}, got {msg.action!r}")
 
 
-def check_lease_ack(header: bytes | memoryview, lease_id: str, action: str) -> float:
-    """A KVLeaseAckMsg answering our KVLeaseMsg: its expiry; raises the server's KVTransferError."""
+def _decode_reply(header: bytes | memoryview):
+    """A reply's header message; a KVErrorMsg raises the server's KVTransferError, garbage bad_message."""
     try:
         msg = decode_kv_msg(header)
     except WireError as exc:
         raise KVTransferError("bad_message", f"reply: {exc}") from None
     if isinstance(msg, KVErrorMsg):
         raise KVTransferError(msg.code, f"from server: {msg.message}")
+    return msg
+
+
+def check_lease_ack(header: bytes | memoryview, lease_id: str, action: str) -> float:
+    """A KVLeaseAckMsg answering our KVLeaseMsg: its expiry; raises the server's KVTransferError."""
+    msg = _decode_reply(header)
     if not isinstance(msg, KVLeaseAckMsg) or msg.lease_id != lease_id or msg.action != action:
         raise KVTransferError("bad_message", f"expected the ack of {action} {lease_id[:8]}...")
     return msg.expiry
@@ -363,12 +367,7 @@ class KVBlockSink:
         """The reply's header, checked against the request and the destination; raises the
         server's KVTransferError for a KVErrorMsg."""
         spec = KVSpec.of(dest.kv_caches)
-        try:
-            msg = decode_kv_msg(header)
-        except WireError as exc:
-            raise KVTransferError("bad_message", f"reply: {exc}") from None
-        if isinstance(msg, KVErrorMsg):
-            raise KVTransferError(msg.code, f"from server: {msg.message}")
+        msg = _decode_reply(header)
         if not isinstance(msg, KVBlocksMsg):
             raise KVTransferError("bad_message", f"expected KVBlocksMsg, got {type(msg).__name__}")
         if msg.compat_hash != self.compat_hash:
@@ -389,10 +388,8 @@ class KVBlockSink:
 
     def landing(self, msg: KVBlocksMsg, dest: KVDest) -> Landing:
         """Where a checked reply's frames land, unit by unit."""
-        on_cpu = dest.kv_caches[0][0].device.type == "cpu"
-        if on_cpu if self.stage is None else not self.stage:
-            return DirectLanding(msg, dest)
-        return StagedFrames(msg, dest, self.device_frames)
+        staged = dest.kv_caches[0][0].device.type != "cpu" if self.stage is None else self.stage
+        return StagedFrames(msg, dest, self.device_frames) if staged else DirectLanding(msg, dest)
 
     def write_layer(self, msg: KVBlocksMsg, targets: Sequence[FrameTarget], frames: Sequence[bytes | memoryview],
                     ) -> None:

@@ -160,11 +160,7 @@ class UcxKVBlockServer(KVBlockServer):
             async def stop():
                 listener.close()
                 for ep in list(self._endpoints):
-                    if not ep.closed:
-                        try:
-                            await ep.close()
-                        except Exception:  # a broken endpoint
-                            pass
+                    await _close_quietly(ep)
 
             self.runtime.run(stop(), timeout=10)
 
@@ -247,11 +243,8 @@ class UcxKVBlockClient(KVBlockClient):
             idle = self._idle.setdefault((host, port), [])
             if done and not ep.closed and len(idle) < _MAX_IDLE_ENDPOINTS:
                 idle.append(ep)
-            elif not ep.closed:
-                try:
-                    await ep.close()
-                except Exception:  # closing a broken endpoint
-                    pass
+            else:
+                await _close_quietly(ep)
 
     def _take_idle(self, host, port):
         idle = self._idle.get((host, port), [])
@@ -266,11 +259,7 @@ class UcxKVBlockClient(KVBlockClient):
         async def close_all():
             for idle in self._idle.values():
                 for ep in idle:
-                    if not ep.closed:
-                        try:
-                            await ep.close()
-                        except Exception:
-                            pass
+                    await _close_quietly(ep)
             self._idle.clear()
 
         self.runtime.run(close_all(), timeout=10)
@@ -298,6 +287,15 @@ class UcxKVBlockClient(KVBlockClient):
             await asyncio.to_thread(landing.finish)
         clock.mark("landing")
         return 2 * len(msg.block_ids) * len(msg.layers) * msg.block_bytes, len(msg.layers)
+
+
+async def _close_quietly(ep) -> None:
+    """Close an endpoint that may be broken already (closing one whose peer died can raise)."""
+    if not ep.closed:
+        try:
+            await ep.close()
+        except Exception:
+            pass
 
 
 def device_memory_default() -> bool:
