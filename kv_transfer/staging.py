@@ -187,8 +187,7 @@ class StagedLanding:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
         self.ids = _ids_on(dest_block_ids, self.device, self.stream)
         self.group_of: dict[int, tuple[int, int]] = {}
-        self.groups = layer_groups(layers, 2 * self.num_blocks * block_bytes) if groups is None else groups
-        for group in self.groups:
+        for group in layer_groups(layers, 2 * self.num_blocks * block_bytes) if groups is None else groups:
             for i in range(group[1]):
                 self.group_of[group[0] + i] = group
         self._buffers: dict[tuple[int, int], torch.Tensor] = {}
