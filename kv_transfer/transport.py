@@ -2,15 +2,16 @@
 
 `KVBlockSource` (serving side) turns a KVPullMsg into a reply: it checks the compat hash, the
 lease and every peer-supplied block id and layer, then yields zero-copy views of the leased
-blocks, one frame per layer, K or V and run of block ids (see reply_runs). `KVBlockSink`
+blocks, one frame per layer, K or V and run of block ids (see reply_runs), or one per group of
+layers for staged caches. `KVBlockSink`
 (pulling side) checks a reply's header (runs included) and every frame's size against what it
 asked for, and only then writes the bytes into its own KV caches at its own block ids.
 A transport (ZeroMQ, UCX) only moves one request frame one way and the reply frames back.
 
 KV caches are the runner's: per layer a (key, value) pair of contiguous
 [num_blocks, block_size, num_kv_heads, head_dim] tensors. CPU caches are read and written in place
-(numpy views); GPU caches go through staging.py (a gather per layer into a buffer: pinned host
-memory for host transports, device memory for UCX), with the same frames on the wire.
+(numpy views); GPU caches go through staging.py (a gather per group of layers into a buffer: pinned
+host memory for host transports, device memory for UCX), sent as one frame per group.
 """
 
 from __future__ import annotations
